@@ -1,0 +1,300 @@
+"""`train_and_evaluate(config, workdir)`: the training loop of every chainjax experiment.
+
+Reads top to bottom: validate -> mesh -> input -> model -> optimizer -> train
+state -> checkpoint restore -> jitted steps -> loop (train, log, eval, early
+stop, checkpoint) -> final metrics.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from absl import logging
+from flax import nnx
+
+from chainjax import chain as chain_lib
+from chainjax import checkpoint as checkpoint_lib
+from chainjax import config as config_lib
+from chainjax import data as data_lib
+from chainjax import metrics as metrics_lib
+from chainjax import optim as optim_lib
+from chainjax import parallel
+
+TrainState = dict  # {"step", "params", "rest", "opt_state", "nonfinite_step"}
+
+
+class NonFiniteLossError(FloatingPointError):
+  """The loss became NaN or infinite; the message names the train step."""
+
+
+# --------------------------------------------------------------------------------------------
+# Train and eval steps.
+# --------------------------------------------------------------------------------------------
+
+
+def init_train_state(model: chain_lib.Chain, tx: optax.GradientTransformation) -> tuple[Any, TrainState]:
+  """Splits the model into (graphdef, state): params, other variables (e.g. BatchNorm stats), opt state."""
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+  state = {
+      "step": jnp.zeros((), jnp.int32),
+      "params": params,
+      "rest": rest,
+      "opt_state": tx.init(params),
+      "nonfinite_step": jnp.full((), -1, jnp.int32),
+  }
+  return graphdef, state
+
+
+def make_train_step(graphdef, loss_fn: chain_lib.ChainLoss, tx: optax.GradientTransformation,
+                    seed: int, phase: int | None = None, stage_names: tuple[str, ...] = ()):
+  """One optimizer update on one global batch.
+
+  `phase` (progressive mode, static) is the index of the one stage that trains:
+  the parameters of every other stage are carried over unchanged, bit for bit.
+  """
+  base_key = jax.random.fold_in(jax.random.key(seed), 1)
+
+  def train_step(state: TrainState, batch) -> tuple[TrainState, dict]:
+    key = jax.random.fold_in(base_key, state["step"])
+
+    def objective(params):
+      model = nnx.merge(graphdef, params, state["rest"])
+      output = model(batch["inputs"], mode=loss_fn.mode, train=True, key=key, phase=phase)
+      loss, metrics = loss_fn(output, batch["labels"], batch["mask"], phase=phase)
+      return loss, (metrics, nnx.state(model, nnx.Not(nnx.Param)))
+
+    (loss, (metrics, rest)), grads = jax.value_and_grad(objective, has_aux=True)(state["params"])
+    updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+    params = optax.apply_updates(state["params"], updates)
+    if phase is not None:
+      params = jax.tree.map_with_path(
+          lambda path, new, old: new if chain_lib.stage_of_path(path) == stage_names[phase] else old,
+          params, state["params"])
+    grad_norm = optax.tree.norm(grads)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    nonfinite_step = jnp.where((state["nonfinite_step"] < 0) & ~finite, state["step"] + 1,
+                               state["nonfinite_step"])
+    new_state = {"step": state["step"] + 1, "params": params, "rest": rest, "opt_state": opt_state,
+                 "nonfinite_step": nonfinite_step}
+    return new_state, {"loss": loss, "grad_norm": grad_norm, **metrics}
+
+  return train_step
+
+
+def make_eval_step(graphdef, loss_fn: chain_lib.ChainLoss, phase: int | None = None):
+  """Sums over one padded eval batch: chain loss, per-stage loss and accuracy, example count."""
+
+  def eval_step(state: TrainState, batch) -> dict:
+    model = nnx.merge(graphdef, state["params"], state["rest"])
+    output = model(batch["inputs"], mode=loss_fn.mode, train=False, phase=phase)
+    loss, metrics = loss_fn(output, batch["labels"], batch["mask"], phase=phase,
+                            denominator=jnp.ones((), jnp.float32))
+    return {"loss": loss, "count": batch["mask"].sum(), **metrics}
+
+  return eval_step
+
+
+def _with_headline(metrics: dict[str, float], prefix: str, num_stages: int) -> dict[str, float]:
+  """Prefixes keys and adds `<prefix>/accuracy` = the last stage's accuracy."""
+  out = {f"{prefix}/{k}": v for k, v in metrics.items()}
+  last = f"{prefix}/stage_{num_stages}/accuracy"
+  if last in out:
+    out[f"{prefix}/accuracy"] = out[last]
+  return out
+
+
+def evaluate(eval_step, state: TrainState, task, config, mesh) -> dict[str, float]:
+  """Metrics over the whole held-out set (padding masked out): `eval/loss`, `eval/stage_<i>/...`."""
+  sums = None
+  for batch in task.eval_batches(config.eval_batch_size):
+    out = eval_step(state, parallel.put_batch(batch, mesh))
+    sums = out if sums is None else jax.tree.map(jnp.add, sums, out)
+  sums = jax.device_get(sums)
+  count = float(sums.pop("count"))
+  return _with_headline({k: float(v) / count for k, v in sums.items()}, "eval", len(task.label_specs))
+
+
+# --------------------------------------------------------------------------------------------
+# Early stopping.
+# --------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class EarlyStopping:
+  """Stops after `patience` evals without an improvement of `metric` by more than `min_delta`."""
+
+  metric: str
+  mode: str = "max"
+  patience: int = 3
+  min_delta: float = 0.0
+  best: float | None = None
+  best_step: int = 0
+  bad_evals: int = 0
+
+  def update(self, step: int, metrics: dict[str, float]) -> bool:
+    """Records one eval; returns True when training should stop."""
+    if not self.metric:
+      return False
+    if self.metric not in metrics:
+      raise KeyError(f"config.early_stopping.metric: {self.metric!r} is not an eval metric; "
+                     f"available: {', '.join(sorted(metrics))}")
+    value = metrics[self.metric]
+    sign = 1.0 if self.mode == "max" else -1.0
+    if self.best is None or sign * (value - self.best) > self.min_delta:
+      self.best, self.best_step, self.bad_evals = value, step, 0
+      return False
+    self.bad_evals += 1
+    return self.bad_evals >= self.patience
+
+  def to_json(self) -> dict:
+    return {"best": self.best, "best_step": self.best_step, "bad_evals": self.bad_evals}
+
+
+# --------------------------------------------------------------------------------------------
+# The loop.
+# --------------------------------------------------------------------------------------------
+
+
+def _check_finite(state: TrainState) -> None:
+  bad = int(jax.device_get(state["nonfinite_step"]))
+  if bad >= 0:
+    raise NonFiniteLossError(f"the loss or its gradient became NaN/inf at train step {bad}; the run stopped "
+                             "without checkpointing it (lower optim.learning_rate or set optim.grad_clip_norm)")
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
+  """Trains `config` in `workdir` (resuming from its latest good checkpoint); returns final metrics."""
+  config_lib.validate(config, jax.device_count())
+  is_main = jax.process_index() == 0
+
+  # Mesh and input.
+  mesh = parallel.make_mesh()
+  task = data_lib.get_task(config)
+  progressive = config.chain.mode == "progressive"
+  phase_starts = chain_lib.phase_starts(config) if progressive else (0,)
+
+  # Model, loss, optimizer, train state.
+  model = chain_lib.build_chain(config, task, rngs=nnx.Rngs(config.seed))
+  loss_fn = chain_lib.ChainLoss.from_config(config, task.label_specs)
+  phase_ends = phase_starts[1:] + (config.total_steps,)
+  txs = [optim_lib.build_optimizer(config.optim, end - start) for start, end in zip(phase_starts, phase_ends)]
+  graphdef, state = init_train_state(model, txs[0])
+  del model
+  replicated = parallel.replicated(mesh)
+  state = jax.device_put(state, replicated)
+
+  # Workdir, writers, checkpoint restore.
+  if is_main:
+    os.makedirs(workdir, exist_ok=True)
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+      f.write(config.to_json_best_effort(indent=2, sort_keys=True))
+  writer = metrics_lib.MetricWriter(workdir, enabled=is_main)
+  checkpointer = checkpoint_lib.Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=config.max_to_keep)
+  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
+  restored = checkpointer.restore_latest(abstract)
+  meta: dict[str, Any] = {}
+  if restored is not None:
+    restored_step, state, meta = restored
+    logging.info("Resumed from %s at step %d.", os.path.join(workdir, "checkpoints"), restored_step)
+    if meta.get("finished"):
+      logging.info("This run already finished at step %d; final metrics: %s", restored_step,
+                   json.dumps(meta["final_metrics"]))
+      checkpointer.close()
+      writer.close()
+      return meta["final_metrics"]
+    writer.truncate_after(restored_step)
+  stopper = EarlyStopping(config.early_stopping.metric, config.early_stopping.mode,
+                          config.early_stopping.patience, config.early_stopping.min_delta,
+                          **meta.get("early_stopping", {}))
+
+  # Jitted steps (one per progressive phase; one in every other mode).
+  def jit_train_step(phase: int | None):
+    tx = txs[phase or 0]
+    step_fn = make_train_step(graphdef, loss_fn, tx, config.seed, phase, chain_lib.stage_names(config))
+    return jax.jit(step_fn, in_shardings=(replicated, parallel.batch_sharding(mesh)),
+                   out_shardings=(replicated, replicated), donate_argnums=0)
+
+  train_steps: dict[int | None, Any] = {}
+  eval_steps: dict[int | None, Any] = {}
+
+  def phase_of(step: int) -> int | None:
+    return chain_lib.phase_at(phase_starts, step) if progressive else None
+
+  # Loop.
+  step = int(jax.device_get(state["step"]))
+  progress = metrics_lib.ProgressBar(config.total_steps, step, enabled=is_main)
+  train_records: list[dict] = []
+  interval_start, interval_steps = None, 0
+  final_metrics: dict[str, float] = dict(meta.get("final_metrics") or {})
+  stop = False
+  with jax.set_mesh(mesh):
+    while step < config.total_steps and not stop:
+      phase = phase_of(step)
+      if progressive and phase > 0 and step == phase_starts[phase]:
+        state["opt_state"] = jax.jit(txs[phase].init, out_shardings=replicated)(state["params"])
+      if phase not in train_steps:
+        train_steps[phase] = jit_train_step(phase)
+      batch = parallel.put_batch(task.train_batch(step, config.batch_size), mesh)
+      state, step_metrics = train_steps[phase](state, batch)
+      step += 1
+      train_records.append(step_metrics)
+      if interval_start is None:  # the first step compiles: time from after it
+        jax.block_until_ready(step_metrics)
+        interval_start, interval_steps, train_records = time.perf_counter(), 0, [step_metrics]
+      else:
+        interval_steps += 1
+
+      if step % config.log_every == 0 or step == config.total_steps:
+        _check_finite(state)
+        progress.update(step, float(jax.device_get(step_metrics["loss"])))
+
+      if step % config.eval_every == 0 or step == config.total_steps:
+        _check_finite(state)
+        train_summary = metrics_lib.mean_metrics(jax.device_get(train_records))
+        elapsed = time.perf_counter() - interval_start
+        record = _with_headline(train_summary, "train", len(task.label_specs))
+        record["train/lr"] = _current_lr(config, phase_starts, step)
+        if interval_steps:
+          record["train/steps_per_sec"] = interval_steps / elapsed
+          record["train/examples_per_sec"] = interval_steps * config.batch_size / elapsed
+        if phase not in eval_steps:
+          eval_steps[phase] = jax.jit(make_eval_step(graphdef, loss_fn, phase),
+                                      in_shardings=(replicated, parallel.batch_sharding(mesh)))
+        record.update(evaluate(eval_steps[phase], state, task, config, mesh))
+        writer.write(step, record)
+        progress.clear()
+        logging.info(metrics_lib.keras_line(step, record))
+        final_metrics = {"step": step, **record}
+        stop = stopper.update(step, record)
+        if stop:
+          logging.info("Early stopping at step %d: %s has not improved for %d evals (best %.4f at step %d).",
+                       step, stopper.metric, stopper.patience, stopper.best, stopper.best_step)
+        train_records, interval_start, interval_steps = [], time.perf_counter(), 0
+
+      if step % config.checkpoint_every == 0 or step == config.total_steps or stop:
+        _check_finite(state)
+        finished = stop or step == config.total_steps
+        checkpointer.save(step, state, {"early_stopping": stopper.to_json(), "finished": finished,
+                                        "final_metrics": final_metrics if finished else None})
+
+  checkpointer.wait_until_finished()
+  checkpointer.close()
+  writer.close()
+  return final_metrics
+
+
+def _current_lr(config, phase_starts: tuple[int, ...], step: int) -> float:
+  """The learning rate of the last update (within its progressive phase)."""
+  start = max(s for s in phase_starts if s < step) if step else 0
+  ends = phase_starts[1:] + (config.total_steps,)
+  end = ends[phase_starts.index(start)]
+  return float(optim_lib.build_schedule(config.optim, end - start)(step - 1 - start))
