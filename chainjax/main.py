@@ -7,6 +7,7 @@ checkpoint is kept).
 
 from __future__ import annotations
 
+import logging as py_logging
 import sys
 
 from absl import app, flags, logging
@@ -35,7 +36,17 @@ def parse_flags(argv: list[str]) -> list[str]:
     _fail(f"--config: {e}", EXIT_BAD_CONFIG)
 
 
+class _QuietLibraries(py_logging.Filter):
+  """Keeps warnings and errors of Orbax/JAX internals, drops their per-save INFO chatter."""
+
+  _NOISY = ("/orbax/", "/jax/_src/")
+
+  def filter(self, record: py_logging.LogRecord) -> bool:
+    return record.levelno >= py_logging.WARNING or not any(p in record.pathname for p in self._NOISY)
+
+
 def main(argv: list[str]) -> None:
+  logging.get_absl_handler().addFilter(_QuietLibraries())
   if len(argv) > 1:
     _fail(f"unexpected arguments: {' '.join(argv[1:])}", EXIT_BAD_CONFIG)
   if _CONFIG.value is None:

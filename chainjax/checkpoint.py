@@ -1,0 +1,307 @@
+"""Checkpoints: an Orbax `CheckpointManager`, async saves, verified restore.
+
+Each step is one folder `<directory>/<step>/` that Orbax writes with two items;
+these files exist once Orbax has committed it (checked on orbax-checkpoint
+0.12.8):
+
+    <step>/_CHECKPOINT_METADATA  JSON; `commit_timestamp_nsecs` set at commit
+    <step>/commit_success.txt    Orbax's commit marker for the step
+    <step>/state/                the pytree (StandardCheckpointHandler, OCDBT):
+        _METADATA, manifest.ocdbt, d/<data files>, commit_success.txt
+    <step>/metadata/             the small JSON dict (JsonCheckpointHandler):
+        metadata, commit_success.txt
+
+Why verify: on a local filesystem Orbax counts *any* folder whose name is a step
+number as a finished checkpoint (it only checks that the name has no
+`.orbax-checkpoint-tmp` suffix), so a half-copied, truncated or empty `<step>/`
+(a crash during a copy or sync, a disk filling up, a hand-made folder) becomes
+`latest_step()`. Worse, it then blocks saves at steps up to it and counts towards
+`max_to_keep`, so Orbax's retention may delete a good checkpoint in favour of it.
+`Checkpointer` therefore checks every step before trusting it, first cheaply
+(the files above exist and the JSON files parse) and then by restoring it; a
+step that fails is moved aside to `<directory>/../corrupt_checkpoints/<step>-<unix
+time>` (never deleted) and the next older step is tried. Limits: a restore
+catches what a read can (missing, truncated or undecodable files), not a flipped
+bit that still decodes; a transient read error also sets a good step aside, from
+where it can be moved back by hand.
+
+What guarantees what when saving:
+  * Orbax writes a step into `<step>.orbax-checkpoint-tmp/` and renames it to
+    `<step>/` only after every item is written and committed (local
+    filesystems; on GCS it writes in place and finishes with the commit marker,
+    which the structural check requires). A crash mid-save leaves only the tmp
+    folder, which Orbax never lists as a step and which we ignore (we leave
+    Orbax's `cleanup_tmp_directories` off, so nothing removes it at start);
+    Orbax itself replaces a stale tmp folder when a save reuses its step.
+  * A save never writes into an existing step folder: Orbax skips a step that is
+    not newer than its latest step, and refuses (`StepAlreadyExistsError`) to
+    force-save a step that exists.
+  * Old steps beyond `max_to_keep` are deleted by Orbax only after the new step
+    has committed; if the background write fails, nothing is deleted.
+
+Multi-process: call every method on every process (they are collective, as in
+Orbax). Every write goes through Orbax, which coordinates processes.
+Moving a bad folder aside is done by process 0 only, followed by a barrier and a
+reload of the manager on every process; a restore counts as failed if it fails
+on any process.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from typing import Any
+
+from absl import logging
+from etils import epath
+import jax
+from jax.experimental import multihost_utils
+import numpy as np
+import orbax.checkpoint as ocp
+
+_STATE = "state"  # item name of the pytree
+_METADATA = "metadata"  # item name of the JSON dict
+_COMMIT_MARKER = "commit_success.txt"
+_STEP_METADATA_FILE = "_CHECKPOINT_METADATA"
+# Files each item has once Orbax has committed it (orbax-checkpoint 0.12).
+_ITEM_FILES = {
+    _STATE: (_COMMIT_MARKER, "_METADATA"),
+    _METADATA: (_COMMIT_MARKER, "metadata"),
+}
+_OCDBT_MANIFEST = "manifest.ocdbt"
+CORRUPT_DIRNAME = "corrupt_checkpoints"
+
+
+class Checkpointer:
+  """Orbax CheckpointManager over <directory>: async saves, verified restore."""
+
+  def __init__(self, directory: str | os.PathLike, *, max_to_keep: int = 3):
+    """Opens (or creates) `directory` and moves aside incomplete step folders.
+
+    The structural sweep at start keeps Orbax's `max_to_keep` and its
+    "save only newer steps" rule working on complete checkpoints only.
+    """
+    directory = os.fspath(directory)
+    if "://" not in directory:
+      directory = os.path.abspath(directory)
+    self._directory = epath.Path(directory)
+    self._corrupt_dir = self._directory.parent / CORRUPT_DIRNAME
+    self._sync_count = 0
+    registry = ocp.handlers.create_default_handler_registry(**{
+        _STATE: ocp.handlers.StandardCheckpointHandler(),
+        _METADATA: ocp.handlers.JsonCheckpointHandler(),
+    })
+    self._manager = ocp.CheckpointManager(
+        self._directory,
+        options=ocp.CheckpointManagerOptions(
+            max_to_keep=max_to_keep, enable_async_checkpointing=True),
+        handler_registry=registry,
+    )
+    self._set_aside_incomplete()
+
+  @property
+  def directory(self) -> epath.Path:
+    """The folder that holds the step folders."""
+    return self._directory
+
+  def save(self, step: int, state, metadata: dict | None = None, *,
+           force: bool = False) -> None:
+    """Starts an async save of `state` (pytree of arrays) and `metadata` (JSON).
+
+    Returns once the arrays are copied off the devices; the write continues in
+    the background (`wait_until_finished()` blocks on it). Orbax skips a step
+    that is not newer than the latest one (logged as a warning); `force` skips
+    Orbax's save-interval policy but never overwrites an existing step.
+    """
+    metadata = dict(metadata or {})
+    json.dumps(metadata)  # fail here, not in the background thread
+    saved = self._manager.save(
+        step,
+        args=ocp.args.Composite(**{
+            _STATE: ocp.args.StandardSave(state),
+            _METADATA: ocp.args.JsonSave(metadata),
+        }),
+        force=force,
+    )
+    if not saved:
+      logging.warning(
+          "Checkpoint at step %d not saved: Orbax saves only steps newer than "
+          "its latest step (%s) unless force=True.", step,
+          self._manager.latest_step())
+
+  def latest_step(self) -> int | None:
+    """Newest step whose folder is structurally complete, or None.
+
+    Waits for a save in progress. Incomplete folders found on the way are
+    moved aside. `restore_latest` goes further and restores the step, so it
+    may still fall back to an older one.
+    """
+    self.wait_until_finished()
+    self._manager.reload()
+    self._set_aside_incomplete()
+    return self._manager.latest_step()
+
+  def restore_latest(self, abstract_state) -> tuple[int, Any, dict] | None:
+    """Restores the newest checkpoint that restores cleanly onto `abstract_state`.
+
+    `abstract_state` is a pytree of `jax.ShapeDtypeStruct` with `.sharding`;
+    arrays come back with those shardings (so a run may resume on another
+    device count). Returns `(step, state, metadata)`, or None when no step
+    restores. A step that is incomplete or fails to restore is moved aside and
+    the next older one is tried. A target whose tree paths or shapes differ
+    from a checkpoint's raises ValueError instead: that is a caller error, and
+    every checkpoint would otherwise be moved aside.
+    """
+    self.wait_until_finished()
+    self._manager.reload()
+    self._set_aside_incomplete()
+    target_shapes = _shapes_by_path(abstract_state)
+    for step in sorted(self._manager.all_steps(), reverse=True):
+      error = None
+      try:
+        saved_shapes = _shapes_by_path(
+            self._manager.metadata(step).item_metadata[_STATE])
+      except Exception as e:  # pylint: disable=broad-except
+        error = e
+      if not _all_processes_ok(error is None):
+        self._set_aside({step: _failure("tree metadata unreadable", error)})
+        continue
+      mismatch = _describe_mismatch(saved_shapes, target_shapes)
+      if mismatch:
+        raise ValueError(
+            f"Checkpoint {self._step_dir(step)} does not match the restore "
+            f"target: {mismatch}")
+      try:
+        restored = self._manager.restore(
+            step,
+            args=ocp.args.Composite(**{
+                _STATE: ocp.args.StandardRestore(abstract_state),
+                _METADATA: ocp.args.JsonRestore(),
+            }),
+        )
+      except Exception as e:  # pylint: disable=broad-except
+        error = e
+      if _all_processes_ok(error is None):
+        logging.info("Restored checkpoint %s.", self._step_dir(step))
+        return step, restored[_STATE], dict(restored[_METADATA])
+      self._set_aside({step: _failure("restore failed", error)})
+    return None
+
+  def wait_until_finished(self) -> None:
+    """Blocks until the save in progress (if any) has committed."""
+    self._manager.wait_until_finished()
+
+  def close(self) -> None:
+    """Waits for the save in progress and releases Orbax's resources."""
+    self._manager.close()
+
+  # -- verification ------------------------------------------------------------
+
+  def _step_dir(self, step: int) -> epath.Path:
+    return self._directory / str(step)
+
+  def _set_aside_incomplete(self) -> None:
+    """Moves aside every step folder that lacks a file Orbax writes at commit."""
+    bad = {}
+    if jax.process_index() == 0:
+      for step in self._manager.all_steps():
+        reason = _incomplete_reason(self._step_dir(step))
+        if reason is not None:
+          bad[step] = reason
+    self._set_aside(bad)
+
+  def _set_aside(self, bad: dict[int, str]) -> None:
+    """Process 0 moves each `{step: reason}` folder aside; all reload after."""
+    if jax.process_index() == 0:
+      for step, reason in sorted(bad.items()):
+        source = self._step_dir(step)
+        target = self._corrupt_dir / f"{step}-{int(time.time())}"
+        suffix = 0
+        while target.exists():
+          suffix += 1
+          target = self._corrupt_dir / f"{step}-{int(time.time())}-{suffix}"
+        logging.warning(
+            "Checkpoint folder %s is not usable (%s); moving it to %s.",
+            source, reason, target)
+        self._corrupt_dir.mkdir(parents=True, exist_ok=True)
+        source.rename(target)
+    self._sync_count += 1
+    ocp.multihost.sync_global_processes(
+        f"chainjax_checkpoint_set_aside_{self._sync_count}")
+    self._manager.reload()
+
+
+def _incomplete_reason(step_dir: epath.Path) -> str | None:
+  """Names the first commit-time file missing or unreadable in `step_dir`."""
+  if not (step_dir / _STEP_METADATA_FILE).exists():
+    return f"{_STEP_METADATA_FILE} missing"
+  try:
+    info = json.loads((step_dir / _STEP_METADATA_FILE).read_text())
+    if not info.get("commit_timestamp_nsecs"):
+      return f"{_STEP_METADATA_FILE} has no commit timestamp"
+  except (OSError, ValueError) as e:
+    return f"{_STEP_METADATA_FILE} unreadable: {e}"
+  if not (step_dir / _COMMIT_MARKER).exists():
+    return f"{_COMMIT_MARKER} missing"
+  for item, names in _ITEM_FILES.items():
+    for name in names:
+      if not (step_dir / item / name).exists():
+        return f"{item}/{name} missing"
+  try:
+    tree_info = json.loads((step_dir / _STATE / "_METADATA").read_text())
+  except (OSError, ValueError) as e:
+    return f"{_STATE}/_METADATA unreadable: {e}"
+  if tree_info.get("use_ocdbt") and not (
+      step_dir / _STATE / _OCDBT_MANIFEST).exists():
+    return f"{_STATE}/{_OCDBT_MANIFEST} missing"
+  return None
+
+
+def _failure(what: str, error: Exception | None) -> str:
+  """`what` plus this process's exception, if it was this process that failed."""
+  if error is None:
+    return f"{what} on another process"
+  return f"{what}: {type(error).__name__}: {error}"
+
+
+def _all_processes_ok(ok: bool) -> bool:
+  """True when `ok` holds on every process (a restore is all or nothing)."""
+  if jax.process_count() == 1:
+    return ok
+  return bool(np.all(multihost_utils.process_allgather(np.asarray(ok))))
+
+
+def _key_name(key) -> str:
+  """A tree-path entry as a plain string (dict key, attribute or index)."""
+  for attribute in ("key", "name", "idx"):
+    if hasattr(key, attribute):
+      return str(getattr(key, attribute))
+  return str(key)
+
+
+def _shapes_by_path(tree) -> dict[tuple[str, ...], tuple[int, ...] | None]:
+  """`{path: shape}` with paths spelt the same for Orbax metadata and targets.
+
+  Orbax stores NamedTuple fields as dict keys and tuples as lists, so paths are
+  compared as strings (`("opt", "0", "mu", "w")`).
+  """
+  leaves, _ = jax.tree.flatten_with_path(tree)
+  return {
+      tuple(_key_name(k) for k in path): (
+          tuple(leaf.shape) if hasattr(leaf, "shape") else None)
+      for path, leaf in leaves
+  }
+
+
+def _describe_mismatch(saved: dict, target: dict, limit: int = 5) -> str:
+  """One line naming up to `limit` paths that differ between two shape maps."""
+  problems = [f"{'/'.join(p)} missing in checkpoint"
+              for p in sorted(target.keys() - saved.keys())]
+  problems += [f"{'/'.join(p)} missing in target"
+               for p in sorted(saved.keys() - target.keys())]
+  problems += [f"{'/'.join(p)} shape {saved[p]} saved vs {target[p]} target"
+               for p in sorted(saved.keys() & target.keys())
+               if None not in (saved[p], target[p]) and saved[p] != target[p]]
+  more = f" (+{len(problems) - limit} more)" if len(problems) > limit else ""
+  return "; ".join(problems[:limit]) + more
