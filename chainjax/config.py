@@ -19,6 +19,24 @@ class ConfigError(ValueError):
     super().__init__(f"config.{field}: {message}")
 
 
+def parse_arg(arg: str, **defaults) -> dict:
+  """`get_config` variants: `"mode=decoupled,runlocal"` -> {"mode": "decoupled", "runlocal": True}.
+
+  Each key must be one of `defaults`; its value is converted to the default's type,
+  and a bare key sets a flag.
+  """
+  out = dict(defaults)
+  for item in filter(None, (a.strip() for a in (arg or "").split(","))):
+    key, _, value = item.partition("=")
+    if key not in defaults:
+      raise ValueError(f"unknown config argument {key!r}; allowed: {', '.join(defaults)}")
+    if isinstance(defaults[key], bool):
+      out[key] = value.lower() in ("", "1", "true", "yes")
+    else:
+      out[key] = type(defaults[key])(value)
+  return out
+
+
 def base_config() -> ml_collections.ConfigDict:
   """Every field chainjax reads, typed, with neutral defaults."""
   c = ml_collections.ConfigDict()

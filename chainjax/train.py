@@ -67,7 +67,7 @@ def make_train_step(graphdef, loss_fn: chain_lib.ChainLoss, tx: optax.GradientTr
     key = jax.random.fold_in(base_key, state["step"])
 
     def objective(params):
-      model = nnx.merge(graphdef, params, state["rest"])
+      model = nnx.merge(graphdef, params, state["rest"], copy=True)
       output = model(batch["inputs"], mode=loss_fn.mode, train=True, key=key, phase=phase)
       loss, metrics = loss_fn(output, batch["labels"], batch["mask"], phase=phase)
       return loss, (metrics, nnx.state(model, nnx.Not(nnx.Param)))

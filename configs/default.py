@@ -20,19 +20,8 @@ from chainjax import config as config_lib
 from chainjax import stages
 
 
-def parse_arg(arg: str, **defaults) -> dict:
-  """`"mode=decoupled,runlocal"` -> {"mode": "decoupled", "runlocal": True} over `defaults`."""
-  out = dict(defaults)
-  for item in filter(None, (a.strip() for a in (arg or "").split(","))):
-    key, _, value = item.partition("=")
-    if key not in defaults:
-      raise ValueError(f"unknown config argument {key!r}; allowed: {', '.join(defaults)}")
-    out[key] = type(defaults[key])(value) if value else True
-  return out
-
-
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
-  args = parse_arg(arg, mode="deep_supervision", runlocal=False)
+  args = config_lib.parse_arg(arg, mode="deep_supervision", runlocal=False)
   config = config_lib.base_config()
   config.seed = 0
   config.batch_size = 256
@@ -42,7 +31,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   config.log_every = 100
 
   config.data.name = "parity"
-  config.data.d = 32
+  config.data.d = 64
   config.data.levels = 3
   config.data.eval_size = 4096
 

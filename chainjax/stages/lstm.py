@@ -1,0 +1,40 @@
+"""An LSTM stage over the second-to-last axis: [B, ..., T, F_in] -> [B, ..., F] or [B, ..., T, F]."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from chainjax.config import ConfigError
+
+OUTPUTS = ("last", "sequence")
+
+
+class LSTM(nnx.Module):
+  """A unidirectional LSTM (Flax default inits: lecun-normal input, orthogonal recurrent kernel)."""
+
+  def __init__(self, in_features: int, *, features: int, output: str, rngs: nnx.Rngs):
+    self.features = features
+    self.output = output
+    # rngs=False: the RNN keeps no RNG stream (it would only seed the carry, which
+    # we set to zeros ourselves), so the module holds parameters only.
+    self.rnn = nnx.RNN(nnx.OptimizedLSTMCell(in_features, features, rngs=rngs), return_carry=True, rngs=False)
+
+  def __call__(self, x: jax.Array, *, train: bool, key: jax.Array | None = None) -> jax.Array:
+    del train, key  # no dropout or batch statistics in this stage
+    if not jnp.issubdtype(x.dtype, jnp.inexact):
+      x = x.astype(jnp.float32)
+    zeros = jnp.zeros(x.shape[:-2] + (self.features,), x.dtype)
+    (_, h_last), h_seq = self.rnn(x, initial_carry=(zeros, zeros))  # carry is (c, h)
+    return h_last if self.output == "last" else h_seq
+
+
+def build(cfg, in_shape: tuple[int, ...], in_dtype, *, rngs: nnx.Rngs, path: str) -> LSTM:
+  """The LSTM of a validated `lstm` stage config; the input must be [..., T, F]."""
+  del in_dtype  # integer inputs are cast to float32
+  if len(in_shape) < 2:
+    raise ConfigError(f"{path}.type",
+                      f"lstm needs a per-example input [T, F] (rank >= 2), got shape {in_shape}; "
+                      "put an embedding stage first for tokens")
+  return LSTM(in_shape[-1], features=cfg.features, output=cfg.output, rngs=rngs)

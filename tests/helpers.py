@@ -1,0 +1,46 @@
+"""Shared test utilities: configs from files, final parameters of a workdir."""
+
+import importlib.util
+import os
+
+import numpy as np
+import orbax.checkpoint as ocp
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def load_config(name: str, arg: str = "", **overrides):
+  """`configs/<name>.py:get_config(arg)` with dotted-key overrides."""
+  spec = importlib.util.spec_from_file_location(name, os.path.join(REPO, "configs", f"{name}.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  config = module.get_config(arg)
+  for key, value in overrides.items():
+    node = config
+    *path, last = key.split(".")
+    for part in path:
+      node = node[part]
+    node[last] = value
+  return config
+
+
+def checkpoint_steps(workdir) -> list[int]:
+  root = os.path.join(workdir, "checkpoints")
+  return sorted(int(d) for d in os.listdir(root) if d.isdigit())
+
+
+def final_state(workdir) -> dict:
+  """The newest checkpoint's train state as numpy arrays (read without a target)."""
+  step = checkpoint_steps(workdir)[-1]
+  with ocp.StandardCheckpointer() as ckpt:
+    state = ckpt.restore(os.path.join(workdir, "checkpoints", str(step), "state"))
+  return {"step": step, "tree": state}
+
+
+def assert_trees_equal(a, b):
+  import jax
+  leaves_a, tree_a = jax.tree.flatten(a)
+  leaves_b, tree_b = jax.tree.flatten(b)
+  assert tree_a == tree_b
+  for x, y in zip(leaves_a, leaves_b):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))

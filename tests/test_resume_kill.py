@@ -1,0 +1,73 @@
+"""SIGKILL a training process (once during an async checkpoint save, once mid-run), resume it,
+and compare its final parameters with an uninterrupted run: they must be bit-identical."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from helpers import REPO, assert_trees_equal, checkpoint_steps, final_state
+
+ARGS = ["--config=configs/default.py:runlocal", "--config.total_steps=400", "--config.checkpoint_every=10",
+        "--config.eval_every=100", "--config.log_every=50"]
+
+
+def _env():
+  env = dict(os.environ)
+  env.pop("XLA_FLAGS", None)  # one CPU device: the realistic laptop run, and faster
+  return env
+
+
+def _launch(workdir):
+  return subprocess.Popen([sys.executable, "-m", "chainjax.main", *ARGS, f"--workdir={workdir}"], cwd=REPO,
+                          env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+
+def _kill_when(proc, condition, timeout=180.0) -> bool:
+  """SIGKILLs `proc` as soon as `condition()` holds; False if the process ended first."""
+  deadline = time.monotonic() + timeout
+  while time.monotonic() < deadline and proc.poll() is None:
+    if condition():
+      proc.send_signal(signal.SIGKILL)
+      proc.wait()
+      return True
+    time.sleep(0.001)
+  return False
+
+
+def _saving(ckpt_dir):
+  return lambda: os.path.isdir(ckpt_dir) and any(".orbax-checkpoint-tmp" in d for d in os.listdir(ckpt_dir))
+
+
+@pytest.mark.slow
+def test_sigkill_during_save_and_mid_run_then_resume_is_bit_identical(tmp_path):
+  reference = tmp_path / "reference"
+  proc = subprocess.run([sys.executable, "-m", "chainjax.main", *ARGS, f"--workdir={reference}"], cwd=REPO,
+                        env=_env(), capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+
+  workdir = tmp_path / "killed"
+  ckpt_dir = workdir / "checkpoints"
+  # 1. Killed while Orbax is writing a checkpoint (its tmp folder exists), after the first good one.
+  proc = _launch(workdir)
+  killed_in_save = _kill_when(proc, lambda: os.path.isdir(ckpt_dir) and checkpoint_steps(workdir)
+                              and _saving(ckpt_dir)())
+  assert killed_in_save and proc.returncode == -signal.SIGKILL
+  first_kill_steps = checkpoint_steps(workdir)
+  assert first_kill_steps and first_kill_steps[-1] < 400
+  # 2. Resumed, then killed again mid-run, a few checkpoints later.
+  proc = _launch(workdir)
+  killed_mid_run = _kill_when(proc, lambda: checkpoint_steps(workdir)[-1] >= first_kill_steps[-1] + 50)
+  assert killed_mid_run and proc.returncode == -signal.SIGKILL
+  # 3. Resumed to the end.
+  proc = _launch(workdir)
+  _, stderr = proc.communicate(timeout=300)
+  assert proc.returncode == 0, stderr[-3000:]
+  assert "Resumed from" in stderr
+
+  ref, got = final_state(reference), final_state(workdir)
+  assert ref["step"] == got["step"] == 400
+  assert_trees_equal(ref["tree"], got["tree"])

@@ -1,0 +1,96 @@
+"""The training loop: end-to-end runs, logging, early stopping, NaN stop, exact resume."""
+
+import json
+import os
+import re
+import shutil
+
+import numpy as np
+import pytest
+
+from chainjax import metrics as metrics_lib
+from chainjax import train
+
+from helpers import assert_trees_equal, checkpoint_steps, final_state, load_config
+
+
+@pytest.mark.parametrize("mode", ["end_to_end", "deep_supervision", "decoupled", "progressive"])
+def test_runlocal_parity_every_mode(tmp_path, mode):
+  config = load_config("default", f"mode={mode},runlocal", total_steps=20, eval_every=10, checkpoint_every=10)
+  final = train.train_and_evaluate(config, str(tmp_path))
+  records = metrics_lib.read_metrics(str(tmp_path))
+  assert [r["step"] for r in records] == [10, 20]
+  for key in ("train/loss", "train/steps_per_sec", "train/examples_per_sec", "train/lr", "eval/loss",
+              "eval/accuracy", "eval/stage_1/accuracy", "eval/stage_3/loss"):
+    assert np.isfinite(records[-1][key]), key
+  assert final["step"] == 20 and final["eval/accuracy"] == records[-1]["eval/accuracy"]
+  assert json.load(open(tmp_path / "config.json"))["chain"]["mode"] == mode
+  assert any(f.startswith("events.out.tfevents") for f in os.listdir(tmp_path / "tensorboard"))
+  assert checkpoint_steps(tmp_path) == [10, 20]
+
+
+@pytest.mark.slow
+def test_chain_learns_parity_that_end_to_end_cannot(tmp_path):
+  """The embedded default's claim, on a smaller instance: d=32, 8-bit subset, 800 updates."""
+  results = {}
+  for mode in ("deep_supervision", "end_to_end"):
+    config = load_config("default", f"mode={mode}", total_steps=800, eval_every=400, checkpoint_every=800,
+                         **{"data.d": 32, "data.eval_size": 2048})
+    results[mode] = train.train_and_evaluate(config, str(tmp_path / mode))["eval/accuracy"]
+  assert results["deep_supervision"] >= 0.95, results
+  assert results["end_to_end"] < 0.65, results
+
+
+def test_resume_from_checkpoint_is_bit_identical_and_finished_run_does_no_more(tmp_path):
+  config = load_config("default", "runlocal", total_steps=40, eval_every=10, checkpoint_every=20)
+  full = tmp_path / "full"
+  final_full = train.train_and_evaluate(config, str(full))
+  # An interrupted run: only the step-20 checkpoint and the metrics up to step 30 made it to disk.
+  cut = tmp_path / "cut"
+  shutil.copytree(full, cut)
+  shutil.rmtree(cut / "checkpoints" / "40")
+  final_resumed = train.train_and_evaluate(config, str(cut))
+  assert_trees_equal(final_state(full)["tree"], final_state(cut)["tree"])
+  untimed = lambda m: {k: v for k, v in m.items() if not k.endswith("_per_sec")}
+  assert untimed(final_resumed) == untimed(final_full)
+  assert [r["step"] for r in metrics_lib.read_metrics(str(cut))] == [10, 20, 30, 40]
+  # Re-running a finished run trains no more and reports the same final metrics.
+  before = sorted(os.listdir(full / "checkpoints")), open(full / "metrics.jsonl").read()
+  assert train.train_and_evaluate(config, str(full)) == final_full
+  assert (sorted(os.listdir(full / "checkpoints")), open(full / "metrics.jsonl").read()) == before
+
+
+def test_corrupt_latest_checkpoint_falls_back_to_previous_good_one(tmp_path):
+  config = load_config("default", "runlocal", total_steps=40, eval_every=20, checkpoint_every=20)
+  good = tmp_path / "good"
+  train.train_and_evaluate(config, str(good))
+  bad = tmp_path / "bad"
+  shutil.copytree(good, bad)
+  for f in (bad / "checkpoints" / "40" / "state").rglob("*"):
+    if f.is_file() and f.parent.name == "d":
+      f.write_bytes(b"")  # truncate the array data of the newest checkpoint
+  train.train_and_evaluate(config, str(bad))  # resumes from 20 and re-trains 20 -> 40
+  assert_trees_equal(final_state(good)["tree"], final_state(bad)["tree"])
+  assert len(os.listdir(tmp_path / "bad" / "corrupt_checkpoints")) == 1
+
+
+def test_early_stopping_stops_after_patience_evals(tmp_path):
+  # eval/loss falls, so in "max" mode it never improves after the first eval: stop at 10 + 2 * 10.
+  config = load_config("default", "runlocal", total_steps=60, eval_every=10, checkpoint_every=50,
+                       **{"early_stopping.metric": "eval/loss", "early_stopping.mode": "max",
+                          "early_stopping.patience": 2})
+  final = train.train_and_evaluate(config, str(tmp_path))
+  assert final["step"] == 30
+  assert checkpoint_steps(tmp_path) == [30]
+  assert train.train_and_evaluate(config, str(tmp_path))["step"] == 30  # finished: stays stopped
+
+
+def test_nonfinite_loss_stops_with_step_and_keeps_last_good_checkpoint(tmp_path):
+  config = load_config("default", "runlocal", total_steps=60, eval_every=10, checkpoint_every=10, log_every=1,
+                       **{"optim.optimizer": "sgd", "optim.learning_rate": 1e30, "optim.schedule": "constant"})
+  with pytest.raises(train.NonFiniteLossError) as info:
+    train.train_and_evaluate(config, str(tmp_path))
+  match = re.search(r"NaN/inf at train step (\d+);", str(info.value))
+  assert match and 1 <= int(match.group(1)) <= 10, str(info.value)
+  # log_every=1 checks every step: the run stopped before its first checkpoint (step 10) could hold NaNs.
+  assert not os.path.exists(tmp_path / "checkpoints") or checkpoint_steps(tmp_path) == []
