@@ -94,3 +94,14 @@ def test_nonfinite_loss_stops_with_step_and_keeps_last_good_checkpoint(tmp_path)
   assert match and 1 <= int(match.group(1)) <= 10, str(info.value)
   # log_every=1 checks every step: the run stopped before its first checkpoint (step 10) could hold NaNs.
   assert not os.path.exists(tmp_path / "checkpoints") or checkpoint_steps(tmp_path) == []
+
+
+def test_runlocal_line_parity(tmp_path):
+  """Per-image CNN stage with per-image head, its k scores passed to the parity stage."""
+  config = load_config("line_parity", "runlocal")
+  final = train.train_and_evaluate(config, str(tmp_path))
+  assert final["step"] == 20
+  for key in ("eval/stage_1/accuracy", "eval/stage_2/accuracy", "eval/accuracy", "train/stage_1/loss"):
+    assert 0.0 <= final[key] <= 1.0 or key.endswith("loss"), key
+  # The per-image head already learns in 20 updates of deep supervision; parity needs longer.
+  assert final["train/stage_1/loss"] < 0.69
