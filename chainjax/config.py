@@ -10,6 +10,11 @@ from __future__ import annotations
 
 import ml_collections
 
+OPTIMIZERS = ("adam", "adamw", "sgd", "lamb", "adafactor", "lion")
+SCHEDULES = ("constant", "warmup_cosine", "warmup_linear", "exponential_per_epoch", "piecewise_constant",
+             "reduce_on_plateau")
+STAGE_OPTIM_FIELDS = ("optimizer", "learning_rate", "schedule", "weight_decay", "frozen")
+
 
 class ConfigError(ValueError):
   """A bad config value; `str(err)` is one line that names the field."""
@@ -65,18 +70,34 @@ def base_config() -> ml_collections.ConfigDict:
   c.chain.phase_steps = ()  # progressive: updates per phase; empty = total_steps split evenly
 
   c.optim = ml_collections.ConfigDict()
-  c.optim.optimizer = "adam"
-  c.optim.learning_rate = 1e-3
+  c.optim.optimizer = "adam"  # adam | adamw | sgd | lamb | adafactor | lion
+  c.optim.learning_rate = 1e-3  # peak LR; schedules are indexed by optimizer updates
+  # constant | warmup_cosine | warmup_linear | exponential_per_epoch | piecewise_constant | reduce_on_plateau
   c.optim.schedule = "constant"
-  c.optim.warmup_steps = 0
-  c.optim.end_lr_factor = 0.0  # warmup_cosine: final LR = learning_rate * end_lr_factor
-  c.optim.b1 = 0.9
-  c.optim.b2 = 0.999
-  c.optim.eps = 1e-8
-  c.optim.momentum = 0.9  # sgd
+  c.optim.warmup_steps = 0  # warmup_cosine, warmup_linear: linear warmup from 0
+  c.optim.end_lr_factor = 0.0  # warmup_cosine, warmup_linear: final LR = learning_rate * end_lr_factor
+  c.optim.decay_rate = 0.1  # exponential_per_epoch: LR = learning_rate * decay_rate**epoch (staircase)
+  c.optim.steps_per_epoch = 0  # exponential_per_epoch: updates per epoch; 0 = from the data
+  c.optim.boundaries = ()  # piecewise_constant: updates at which the LR is multiplied by ...
+  c.optim.scales = ()  # ... these factors (cumulative, as optax.piecewise_constant_schedule)
+  c.optim.plateau_metric = "eval/loss"  # reduce_on_plateau: the eval metric that drives it
+  c.optim.plateau_mode = "min"  # min | max: whether a lower or a higher metric is better
+  c.optim.plateau_factor = 0.5  # LR scale *= factor after `plateau_patience` evals without improvement
+  c.optim.plateau_patience = 3
+  c.optim.plateau_min_scale = 0.0  # the scale never drops below this
+  c.optim.plateau_min_delta = 0.0  # an improvement must beat the best value by more than this
+  c.optim.b1 = 0.9  # adam, adamw, lamb, lion
+  c.optim.b2 = 0.999  # adam, adamw, lamb, lion
+  c.optim.eps = 1e-8  # adam, adamw, lamb
+  c.optim.momentum = 0.9  # sgd; 0 = plain SGD
   c.optim.nesterov = False  # sgd
-  c.optim.weight_decay = 0.0  # adamw
-  c.optim.grad_clip_norm = 0.0  # 0 = no clipping
+  # Decoupled, on kernels/embeddings only (ndim >= 2): adamw, lamb, lion, sgd (SGDW), adafactor; not adam.
+  c.optim.weight_decay = 0.0
+  c.optim.grad_clip_norm = 0.0  # global-norm clipping of the (accumulated) gradient; 0 = no clipping
+  c.optim.accum_steps = 1  # micro-batches per optimizer update (gradient accumulation in the train step)
+  c.optim.accum_impl = "scan"  # scan | optax: accumulate with lax.scan in one step, or optax.MultiSteps
+  c.optim.lr_decay_per_stage = 1.0  # stage i of n gets learning_rate * decay**(n-1-i); 1.0 = off
+  c.optim.per_stage = ml_collections.ConfigDict()  # {stage name: stage_optim(...)}; absent = the default
 
   c.early_stopping = ml_collections.ConfigDict()
   c.early_stopping.metric = ""  # e.g. "eval/accuracy"; "" = off
@@ -86,21 +107,42 @@ def base_config() -> ml_collections.ConfigDict:
   return c
 
 
+def stage_optim(optimizer: str = "", learning_rate: float = -1.0, schedule: str = "",
+                weight_decay: float = -1.0, frozen: bool = False) -> ml_collections.ConfigDict:
+  """One `config.optim.per_stage.<stage>` entry; "" and -1.0 inherit the default `config.optim` value.
+
+  `learning_rate` given here is used as is (`lr_decay_per_stage` does not apply to it);
+  the schedule's shape (warmup, boundaries, plateau rule, ...) is the default's.
+  `frozen=True` wins over everything else: the stage's parameters never change.
+  """
+  return ml_collections.ConfigDict(dict(optimizer=optimizer, learning_rate=float(learning_rate),
+                                        schedule=schedule, weight_decay=float(weight_decay), frozen=frozen))
+
+
+def per_stage_optim(stage_names) -> ml_collections.ConfigDict:
+  """`config.optim.per_stage` with an all-inherit entry per stage, so that the command line can
+  override any of them (`--config.optim.per_stage.<stage>.frozen=True`)."""
+  return ml_collections.ConfigDict({name: stage_optim() for name in stage_names})
+
+
 # --------------------------------------------------------------------------------------------
 # Validation.
 # --------------------------------------------------------------------------------------------
 
 _CHOICES = {
     "chain.mode": ("end_to_end", "deep_supervision", "decoupled", "progressive"),
-    "optim.optimizer": ("adam", "adamw", "sgd"),
-    "optim.schedule": ("constant", "warmup_cosine"),
+    "optim.optimizer": OPTIMIZERS,
+    "optim.schedule": SCHEDULES,
+    "optim.plateau_mode": ("min", "max"),
     "early_stopping.mode": ("max", "min"),
+    "optim.accum_impl": ("scan", "optax"),
 }
 _POSITIVE = ("batch_size", "eval_batch_size", "total_steps", "eval_every", "checkpoint_every",
-             "log_every", "max_to_keep", "data.eval_size", "data.d", "data.levels", "data.num_images",
-             "optim.learning_rate", "optim.eps")
+             "log_every", "max_to_keep", "optim.accum_steps", "data.eval_size", "data.d", "data.levels", "data.num_images",
+             "optim.learning_rate", "optim.eps", "optim.plateau_patience")
 _NON_NEGATIVE = ("seed", "data.seed", "chain.consistency_weight", "optim.warmup_steps",
                  "optim.end_lr_factor", "optim.momentum", "optim.weight_decay", "optim.grad_clip_norm",
+                 "optim.steps_per_epoch", "optim.plateau_min_scale", "optim.plateau_min_delta",
                  "early_stopping.patience", "early_stopping.min_delta")
 
 
@@ -119,18 +161,19 @@ def _same_type(value, default) -> bool:
 
 
 def _check_schema(config, schema, prefix: str = "") -> None:
-  """Unknown fields and wrong types, recursively (stage lists are checked by the stages module)."""
+  """Unknown fields and wrong types, recursively (stage lists and `optim.per_stage` are checked later)."""
   for key in config.keys():
     field = f"{prefix}{key}"
     if key not in schema:
       raise ConfigError(field, f"unknown field; known fields here: {', '.join(sorted(schema.keys()))}")
     value, default = config[key], schema[key]
+    if field == "chain.stages":  # checked by _validate_chain
+      continue
     if isinstance(default, ml_collections.ConfigDict):
       if not isinstance(value, ml_collections.ConfigDict):
         raise ConfigError(field, f"must be a ConfigDict, got {_type_name(value)}")
-      _check_schema(value, default, field + ".")
-    elif field == "chain.stages":
-      continue
+      if field != "optim.per_stage":  # keyed by stage names: checked by _validate_optim
+        _check_schema(value, default, field + ".")
     elif not _same_type(value, default):
       raise ConfigError(field, f"must be of type {_type_name(default)}, got {value!r} ({_type_name(value)})")
 
@@ -160,11 +203,13 @@ def validate(config: ml_collections.ConfigDict, num_devices: int = 1) -> None:
   if config.batch_size % num_devices:
     raise ConfigError("batch_size", f"{config.batch_size} is not divisible by the {num_devices} devices; "
                       f"use a multiple of {num_devices}")
+  micro_batch, rest = divmod(config.batch_size, config.optim.accum_steps)
+  if rest or micro_batch % num_devices:
+    raise ConfigError("optim.accum_steps", f"batch_size={config.batch_size} must split into accum_steps="
+                      f"{config.optim.accum_steps} micro-batches whose size is a multiple of the {num_devices} devices")
   if config.eval_batch_size % num_devices:
     raise ConfigError("eval_batch_size", f"{config.eval_batch_size} is not divisible by the {num_devices} "
                       f"devices; use a multiple of {num_devices}")
-  if config.optim.warmup_steps >= config.total_steps and config.optim.schedule == "warmup_cosine":
-    raise ConfigError("optim.warmup_steps", f"must be < total_steps={config.total_steps}")
   metric = config.early_stopping.metric
   if metric and not metric.startswith("eval/"):
     raise ConfigError("early_stopping.metric", f"{metric!r} must name an eval metric, e.g. 'eval/accuracy'")
@@ -175,6 +220,7 @@ def validate(config: ml_collections.ConfigDict, num_devices: int = 1) -> None:
   except ValueError as e:
     raise ConfigError("data", str(e)) from None
   _validate_chain(config, task, stages_lib, chain_lib)
+  _validate_optim(config, task)
 
 
 def _validate_chain(config, task, stages_lib, chain_lib) -> None:
@@ -218,3 +264,72 @@ def _validate_chain(config, task, stages_lib, chain_lib) -> None:
   from flax import nnx
   nnx.eval_shape(lambda: chain_lib.build_chain(config, task, rngs=nnx.Rngs(0)))
 
+
+
+def _validate_optim(config, task) -> None:
+  """`config.optim` beyond types and simple ranges: schedule shapes, the plateau rule, per-stage entries."""
+  optim = config.optim
+  stage_names = [s.name for s in config.chain.stages]
+  for field in ("b1", "b2", "momentum"):
+    if not 0 <= optim[field] < 1:
+      raise ConfigError(f"optim.{field}", f"must be in [0, 1), got {optim[field]!r}")
+  for field in ("decay_rate", "lr_decay_per_stage", "plateau_factor"):
+    if not 0 < optim[field] <= 1:
+      raise ConfigError(f"optim.{field}", f"must be in (0, 1], got {optim[field]!r}")
+  if optim.plateau_min_scale > 1:
+    raise ConfigError("optim.plateau_min_scale", f"must be in [0, 1], got {optim.plateau_min_scale!r}")
+  if not optim.plateau_metric.startswith("eval/"):
+    raise ConfigError("optim.plateau_metric", f"{optim.plateau_metric!r} must name an eval metric, e.g. 'eval/loss'")
+  boundaries, scales = tuple(optim.boundaries), tuple(optim.scales)
+  if any(isinstance(b, bool) or not isinstance(b, int) or b < 0 for b in boundaries):
+    raise ConfigError("optim.boundaries", f"must be update counts (ints >= 0), got {boundaries}")
+  if any(b >= a for b, a in zip(boundaries, boundaries[1:])):
+    raise ConfigError("optim.boundaries", f"must be strictly increasing, got {boundaries}")
+  if any(isinstance(s, bool) or not isinstance(s, (int, float)) or s < 0 for s in scales):
+    raise ConfigError("optim.scales", f"must be numbers >= 0, got {scales}")
+  if len(boundaries) != len(scales):
+    raise ConfigError("optim.scales", f"has {len(scales)} entries for {len(boundaries)} boundaries")
+
+  # Per-stage entries: known stage names, known and typed fields, "" / -1.0 or a valid value.
+  entries = {}
+  for name in optim.per_stage.keys():
+    field = f"optim.per_stage.{name}"
+    if name not in stage_names:
+      raise ConfigError(field, f"{name!r} is not a stage name; stages: {', '.join(stage_names)}")
+    entry = optim.per_stage[name]
+    if not isinstance(entry, ml_collections.ConfigDict):
+      raise ConfigError(field, f"must be a ConfigDict (config.stage_optim(...)), got {_type_name(entry)}")
+    _check_schema(entry, stage_optim(), field + ".")
+    if entry.get("optimizer", "") not in ("",) + OPTIMIZERS:
+      raise ConfigError(f"{field}.optimizer", f"{entry.optimizer!r} is not one of: \"\" (inherit), "
+                        f"{', '.join(OPTIMIZERS)}")
+    if entry.get("schedule", "") not in ("",) + SCHEDULES:
+      raise ConfigError(f"{field}.schedule", f"{entry.schedule!r} is not one of: \"\" (inherit), "
+                        f"{', '.join(SCHEDULES)}")
+    if entry.get("learning_rate", -1.0) != -1.0 and not entry.learning_rate > 0:
+      raise ConfigError(f"{field}.learning_rate", f"must be > 0, or -1.0 to inherit, got {entry.learning_rate!r}")
+    if entry.get("weight_decay", -1.0) != -1.0 and not entry.weight_decay >= 0:
+      raise ConfigError(f"{field}.weight_decay", f"must be >= 0, or -1.0 to inherit, got {entry.weight_decay!r}")
+    entries[name] = entry
+
+  # What each stage ends up with.
+  for name in stage_names:
+    entry = entries.get(name, {})
+    if entry and entry.get("frozen", False):
+      continue
+    where = f"optim.per_stage.{name}" if entry else "optim"
+    optimizer = entry.get("optimizer", "") if entry else ""
+    schedule = entry.get("schedule", "") if entry else ""
+    weight_decay = entry.get("weight_decay", -1.0) if entry else -1.0
+    optimizer, schedule = optimizer or optim.optimizer, schedule or optim.schedule
+    weight_decay = optim.weight_decay if weight_decay == -1.0 else weight_decay
+    if optimizer == "adam" and weight_decay > 0:
+      field = f"{where}.weight_decay" if entry and entry.get("weight_decay", -1.0) != -1.0 else (
+          f"{where}.optimizer" if entry and entry.get("optimizer", "") else "optim.weight_decay")
+      raise ConfigError(field, f"adam has no weight decay (stage {name!r}); use adamw, lamb, lion, sgd or "
+                        "adafactor, or weight_decay=0")
+    if schedule in ("warmup_cosine", "warmup_linear") and optim.warmup_steps >= config.total_steps:
+      raise ConfigError("optim.warmup_steps", f"must be < total_steps={config.total_steps} for {schedule}")
+    if schedule == "exponential_per_epoch" and optim.steps_per_epoch == 0 and not getattr(task, "train_size", 0):
+      raise ConfigError("optim.steps_per_epoch", f"exponential_per_epoch needs the epoch length and the "
+                        f"{task.name} task has no epochs (an endless stream): set it > 0")

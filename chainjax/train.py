@@ -54,25 +54,63 @@ def init_train_state(model: chain_lib.Chain, tx: optax.GradientTransformation) -
   return graphdef, state
 
 
-def make_train_step(graphdef, loss_fn: chain_lib.ChainLoss, tx: optax.GradientTransformation,
-                    seed: int, phase: int | None = None, stage_names: tuple[str, ...] = ()):
-  """One optimizer update on one global batch.
+def make_train_step(graphdef, loss_fn: chain_lib.ChainLoss, tx: optax.GradientTransformation, *,
+                    seed: int, phase: int | None = None, stage_names: tuple[str, ...] = (),
+                    accum_steps: int = 1):
+  """One optimizer update on one global batch: `train_step(state, batch) -> (state, metrics)`.
+
+  `accum_steps > 1` splits the global batch into that many micro-batches (example j goes
+  to micro-batch j % accum_steps, so every micro-batch stays spread over all devices) and
+  sums their gradients in a `lax.scan`; each micro-batch loss is divided by the number of
+  real examples in the *whole* global batch, so the summed gradient equals the gradient of
+  the global-batch mean. The accumulated gradient (one parameter-sized buffer in the scan
+  carry) is the only extra parameter-sized buffer. BatchNorm statistics are those of each
+  micro-batch, and running averages are updated once per micro-batch, in order.
 
   `phase` (progressive mode, static) is the index of the one stage that trains:
   the parameters of every other stage are carried over unchanged, bit for bit.
+
+  `train_step` also takes `denominator` (the real-example count the loss is divided by;
+  default: the mask sum of `batch`) and `micro_step` (for `accum_impl="optax"`, where each
+  call is one micro-batch and only every `accum_steps`-th call is an optimizer update).
   """
   base_key = jax.random.fold_in(jax.random.key(seed), 1)
 
-  def train_step(state: TrainState, batch) -> tuple[TrainState, dict]:
-    key = jax.random.fold_in(base_key, state["step"])
-
+  def grads_of_batch(params, rest, batch, key, denominator):
     def objective(params):
-      model = nnx.merge(graphdef, params, state["rest"], copy=True)
+      model = nnx.merge(graphdef, params, rest, copy=True)
       output = model(batch["inputs"], mode=loss_fn.mode, train=True, key=key, phase=phase)
-      loss, metrics = loss_fn(output, batch["labels"], batch["mask"], phase=phase)
+      loss, metrics = loss_fn(output, batch["labels"], batch["mask"], phase=phase, denominator=denominator)
       return loss, (metrics, nnx.state(model, nnx.Not(nnx.Param)))
 
-    (loss, (metrics, rest)), grads = jax.value_and_grad(objective, has_aux=True)(state["params"])
+    (loss, (metrics, rest)), grads = jax.value_and_grad(objective, has_aux=True)(params)
+    return grads, rest, {"loss": loss, **metrics}
+
+  def accumulated_grads(params, rest, batch, key, denominator):
+    micro = jax.tree.map(
+        lambda x: x.reshape(x.shape[0] // accum_steps, accum_steps, *x.shape[1:]).swapaxes(0, 1), batch)
+
+    def body(carry, xs):
+      grads_sum, rest, metrics_sum = carry
+      micro_batch, i = xs
+      grads, rest, metrics = grads_of_batch(params, rest, micro_batch, jax.random.fold_in(key, i), denominator)
+      return (jax.tree.map(jnp.add, grads_sum, grads), rest, jax.tree.map(jnp.add, metrics_sum, metrics)), None
+
+    first = jax.tree.map(lambda x: x[0], micro)
+    shapes = jax.eval_shape(lambda: grads_of_batch(params, rest, first, key, denominator))
+    zeros = lambda tree: jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), tree)
+    init = (zeros(shapes[0]), rest, zeros(shapes[2]))
+    (grads, rest, metrics), _ = jax.lax.scan(body, init, (micro, jnp.arange(accum_steps)))
+    return grads, rest, metrics
+
+  def train_step(state: TrainState, batch, denominator=None, micro_step=None) -> tuple[TrainState, dict]:
+    key = jax.random.fold_in(base_key, state["step"])
+    if micro_step is not None:
+      key = jax.random.fold_in(key, micro_step)
+    if denominator is None:
+      denominator = jnp.maximum(batch["mask"].sum(), 1.0)
+    compute = accumulated_grads if accum_steps > 1 and micro_step is None else grads_of_batch
+    grads, rest, metrics = compute(state["params"], state["rest"], batch, key, denominator)
     updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
     params = optax.apply_updates(state["params"], updates)
     if phase is not None:
@@ -80,12 +118,13 @@ def make_train_step(graphdef, loss_fn: chain_lib.ChainLoss, tx: optax.GradientTr
           lambda path, new, old: new if chain_lib.stage_of_path(path) == stage_names[phase] else old,
           params, state["params"])
     grad_norm = optax.tree.norm(grads)
-    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
+    step = state["step"] + (1 if micro_step is None else (micro_step == accum_steps - 1).astype(jnp.int32))
     nonfinite_step = jnp.where((state["nonfinite_step"] < 0) & ~finite, state["step"] + 1,
                                state["nonfinite_step"])
-    new_state = {"step": state["step"] + 1, "params": params, "rest": rest, "opt_state": opt_state,
+    new_state = {"step": step, "params": params, "rest": rest, "opt_state": opt_state,
                  "nonfinite_step": nonfinite_step}
-    return new_state, {"loss": loss, "grad_norm": grad_norm, **metrics}
+    return new_state, {"grad_norm": grad_norm, **metrics}
 
   return train_step
 
@@ -187,6 +226,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   loss_fn = chain_lib.ChainLoss.from_config(config, task.label_specs)
   phase_ends = phase_starts[1:] + (config.total_steps,)
   txs = [optim_lib.build_optimizer(config.optim, end - start) for start, end in zip(phase_starts, phase_ends)]
+  if config.optim.accum_impl == "optax" and config.optim.accum_steps > 1:
+    txs = [optax.MultiSteps(tx, every_k_schedule=config.optim.accum_steps).gradient_transformation() for tx in txs]
   graphdef, state = init_train_state(model, txs[0])
   del model
   replicated = parallel.replicated(mesh)
@@ -217,11 +258,31 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                           **meta.get("early_stopping", {}))
 
   # Jitted steps (one per progressive phase; one in every other mode).
+  accum_steps, accum_by_optax = config.optim.accum_steps, config.optim.accum_impl == "optax"
+  batch_sharding = parallel.batch_sharding(mesh)
+
   def jit_train_step(phase: int | None):
-    tx = txs[phase or 0]
-    step_fn = make_train_step(graphdef, loss_fn, tx, config.seed, phase, chain_lib.stage_names(config))
-    return jax.jit(step_fn, in_shardings=(replicated, parallel.batch_sharding(mesh)),
+    step_fn = make_train_step(graphdef, loss_fn, txs[phase or 0], seed=config.seed, phase=phase,
+                              stage_names=chain_lib.stage_names(config), accum_steps=accum_steps)
+    if accum_by_optax:  # one call per micro-batch: (state, micro_batch, denominator, micro_step)
+      return jax.jit(step_fn, in_shardings=(replicated, batch_sharding, replicated, replicated),
+                     out_shardings=(replicated, replicated), donate_argnums=0)
+    return jax.jit(lambda state, batch: step_fn(state, batch), in_shardings=(replicated, batch_sharding),
                    out_shardings=(replicated, replicated), donate_argnums=0)
+
+  def run_update(train_step, state: TrainState, step: int) -> tuple[TrainState, list[dict]]:
+    """One optimizer update on the global batch of `step` (accum_impl="optax": one call per micro-batch)."""
+    global_batch = task.train_batch(step, config.batch_size)
+    if not accum_by_optax:
+      state, metrics = train_step(state, parallel.put_batch(global_batch, mesh))
+      return state, [metrics]
+    records = []
+    denominator = np.float32(max(global_batch["mask"].sum(), 1.0) / accum_steps)
+    for i in range(accum_steps):  # micro-batch i holds examples i, i + A, i + 2A, ... as in the scan
+      micro = jax.tree.map(lambda x: x[i::accum_steps], global_batch)
+      state, metrics = train_step(state, parallel.put_batch(micro, mesh), denominator, np.int32(i))
+      records.append(metrics)
+    return state, records
 
   train_steps: dict[int | None, Any] = {}
   eval_steps: dict[int | None, Any] = {}
@@ -243,13 +304,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         state["opt_state"] = jax.jit(txs[phase].init, out_shardings=replicated)(state["params"])
       if phase not in train_steps:
         train_steps[phase] = jit_train_step(phase)
-      batch = parallel.put_batch(task.train_batch(step, config.batch_size), mesh)
-      state, step_metrics = train_steps[phase](state, batch)
+      state, step_records = run_update(train_steps[phase], state, step)
       step += 1
-      train_records.append(step_metrics)
+      step_metrics = step_records[-1]
+      train_records.extend(step_records)
       if interval_start is None:  # the first step compiles: time from after it
         jax.block_until_ready(step_metrics)
-        interval_start, interval_steps, train_records = time.perf_counter(), 0, [step_metrics]
+        interval_start, interval_steps, train_records = time.perf_counter(), 0, step_records
       else:
         interval_steps += 1
 
