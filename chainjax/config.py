@@ -104,6 +104,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.early_stopping.mode = "max"
   c.early_stopping.patience = 3  # evals without improvement before stopping
   c.early_stopping.min_delta = 0.0
+
+  c.precision = ml_collections.ConfigDict()
+  c.precision.policy = "float32"  # jmp-style: "params=float32,compute=bfloat16,output=float32"
+  c.precision.loss_scale = "none"  # "none" | "static:<value>" | "dynamic[:initial_scale=..,period=..,min_scale=..]"
   return c
 
 
@@ -210,6 +214,14 @@ def validate(config: ml_collections.ConfigDict, num_devices: int = 1) -> None:
   if config.eval_batch_size % num_devices:
     raise ConfigError("eval_batch_size", f"{config.eval_batch_size} is not divisible by the {num_devices} "
                       f"devices; use a multiple of {num_devices}")
+  from chainjax import precision
+
+  for field, parse in (("precision.policy", precision.get_policy),
+                       ("precision.loss_scale", precision.parse_loss_scale)):
+    try:
+      parse(_get(config, field))
+    except ValueError as e:
+      raise ConfigError(field, str(e)) from None
   metric = config.early_stopping.metric
   if metric and not metric.startswith("eval/"):
     raise ConfigError("early_stopping.metric", f"{metric!r} must name an eval metric, e.g. 'eval/accuracy'")

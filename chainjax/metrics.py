@@ -104,8 +104,12 @@ def _hms(seconds: float) -> str:
   return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
 
 
+STATE_METRICS = ("loss_scale", "skipped_steps")  # values of the train state: summarised by the last one
+
+
 def mean_metrics(records: list[Mapping[str, np.ndarray]]) -> dict[str, float]:
-  """Mean of each key over a list of per-step metric dicts (fetched from device)."""
+  """Mean of each key over a list of per-step metric dicts (fetched from device); last value of state metrics."""
   if not records:
     return {}
-  return {k: float(np.mean([r[k] for r in records])) for k in records[0]}
+  return {k: float(records[-1][k] if k in STATE_METRICS else np.mean([r[k] for r in records]))
+          for k in records[0]}

@@ -28,6 +28,7 @@ from chainjax import data as data_lib
 from chainjax import metrics as metrics_lib
 from chainjax import optim as optim_lib
 from chainjax import parallel
+from chainjax import precision
 
 TrainState = dict  # {"step", "params", "rest", "opt_state", "nonfinite_step"}
 
@@ -56,7 +57,8 @@ def init_train_state(model: chain_lib.Chain, tx: optax.GradientTransformation) -
 
 def make_train_step(graphdef, loss_fn: chain_lib.ChainLoss, tx: optax.GradientTransformation, *,
                     seed: int, phase: int | None = None, stage_names: tuple[str, ...] = (),
-                    accum_steps: int = 1):
+                    accum_steps: int = 1, policy: precision.Policy | None = None,
+                    dynamic_loss_scale: bool = False):
   """One optimizer update on one global batch: `train_step(state, batch) -> (state, metrics)`.
 
   `accum_steps > 1` splits the global batch into that many micro-batches (example j goes
@@ -73,31 +75,40 @@ def make_train_step(graphdef, loss_fn: chain_lib.ChainLoss, tx: optax.GradientTr
   `train_step` also takes `denominator` (the real-example count the loss is divided by;
   default: the mask sum of `batch`) and `micro_step` (for `accum_impl="optax"`, where each
   call is one micro-batch and only every `accum_steps`-th call is an optimizer update).
+
+  Mixed precision (`policy`): parameters stay in their dtype (float32) and are cast to the
+  compute dtype inside the differentiated function, so gradients arrive in float32; losses
+  are computed in float32. The loss is multiplied by the loss scale held in the optimizer
+  state (1.0 without loss scaling); the loss-scale wrapper in `tx` unscales the gradients.
+  A step that the dynamic loss scale skips leaves the parameters bit-identical.
   """
   base_key = jax.random.fold_in(jax.random.key(seed), 1)
+  policy = policy or precision.get_policy("float32")
 
-  def grads_of_batch(params, rest, batch, key, denominator):
+  def grads_of_batch(params, rest, batch, key, denominator, loss_scale):
     def objective(params):
-      model = nnx.merge(graphdef, params, rest, copy=True)
-      output = model(batch["inputs"], mode=loss_fn.mode, train=True, key=key, phase=phase)
+      model = nnx.merge(graphdef, policy.cast_to_compute(params), rest, copy=True)
+      output = model(policy.cast_to_compute(batch["inputs"]), mode=loss_fn.mode, train=True, key=key, phase=phase)
       loss, metrics = loss_fn(output, batch["labels"], batch["mask"], phase=phase, denominator=denominator)
-      return loss, (metrics, nnx.state(model, nnx.Not(nnx.Param)))
+      new_rest = jax.tree.map(lambda new, old: new.astype(old.dtype), nnx.state(model, nnx.Not(nnx.Param)), rest)
+      return loss * loss_scale, (loss, metrics, new_rest)
 
-    (loss, (metrics, rest)), grads = jax.value_and_grad(objective, has_aux=True)(params)
+    grads, (loss, metrics, rest) = jax.grad(objective, has_aux=True)(params)
     return grads, rest, {"loss": loss, **metrics}
 
-  def accumulated_grads(params, rest, batch, key, denominator):
+  def accumulated_grads(params, rest, batch, key, denominator, loss_scale):
     micro = jax.tree.map(
         lambda x: x.reshape(x.shape[0] // accum_steps, accum_steps, *x.shape[1:]).swapaxes(0, 1), batch)
 
     def body(carry, xs):
       grads_sum, rest, metrics_sum = carry
       micro_batch, i = xs
-      grads, rest, metrics = grads_of_batch(params, rest, micro_batch, jax.random.fold_in(key, i), denominator)
+      grads, rest, metrics = grads_of_batch(params, rest, micro_batch, jax.random.fold_in(key, i), denominator,
+                                            loss_scale)
       return (jax.tree.map(jnp.add, grads_sum, grads), rest, jax.tree.map(jnp.add, metrics_sum, metrics)), None
 
     first = jax.tree.map(lambda x: x[0], micro)
-    shapes = jax.eval_shape(lambda: grads_of_batch(params, rest, first, key, denominator))
+    shapes = jax.eval_shape(lambda: grads_of_batch(params, rest, first, key, denominator, loss_scale))
     zeros = lambda tree: jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), tree)
     init = (zeros(shapes[0]), rest, zeros(shapes[2]))
     (grads, rest, metrics), _ = jax.lax.scan(body, init, (micro, jnp.arange(accum_steps)))
@@ -110,31 +121,57 @@ def make_train_step(graphdef, loss_fn: chain_lib.ChainLoss, tx: optax.GradientTr
     if denominator is None:
       denominator = jnp.maximum(batch["mask"].sum(), 1.0)
     compute = accumulated_grads if accum_steps > 1 and micro_step is None else grads_of_batch
-    grads, rest, metrics = compute(state["params"], state["rest"], batch, key, denominator)
+    loss_scale = precision.current_loss_scale(state["opt_state"])
+    grads, rest, metrics = compute(state["params"], state["rest"], batch, key, denominator, loss_scale)
     updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
     params = optax.apply_updates(state["params"], updates)
+    applied = precision.is_finite_step(state["opt_state"], opt_state)
+    params = jax.tree.map(lambda new, old: jnp.where(applied, new, old), params, state["params"])
     if phase is not None:
       params = jax.tree.map_with_path(
           lambda path, new, old: new if chain_lib.stage_of_path(path) == stage_names[phase] else old,
           params, state["params"])
-    grad_norm = optax.tree.norm(grads)
-    finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
+    grad_norm = optax.tree.norm(grads) / loss_scale
+    if dynamic_loss_scale:  # overflow is expected and skipped; stop only when the scale is at its floor
+      floor = precision.find_loss_scale_state(state["opt_state"]).min_scale
+      finite = jnp.isfinite(metrics["loss"]) & (applied | (loss_scale > floor))
+    else:
+      finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
     step = state["step"] + (1 if micro_step is None else (micro_step == accum_steps - 1).astype(jnp.int32))
     nonfinite_step = jnp.where((state["nonfinite_step"] < 0) & ~finite, state["step"] + 1,
                                state["nonfinite_step"])
     new_state = {"step": step, "params": params, "rest": rest, "opt_state": opt_state,
                  "nonfinite_step": nonfinite_step}
-    return new_state, {"grad_norm": grad_norm, **metrics}
+    metrics.update(grad_norm=grad_norm, skipped=1.0 - applied.astype(jnp.float32),
+                   loss_scale=precision.current_loss_scale(opt_state),
+                   skipped_steps=precision.skipped_steps(opt_state).astype(jnp.float32))
+    return new_state, metrics
 
   return train_step
 
 
-def make_eval_step(graphdef, loss_fn: chain_lib.ChainLoss, phase: int | None = None):
+def build_tx(config: ml_collections.ConfigDict, num_updates: int) -> optax.GradientTransformation:
+  """The optimizer of `config.optim` for `num_updates` updates, with loss scaling and accumulation.
+
+  The loss-scale wrapper (`config.precision.loss_scale`) sits around the optimizer; with
+  `accum_impl="optax"`, `optax.MultiSteps` sits around both, so the accumulated (scaled)
+  gradient is unscaled and checked once per update.
+  """
+  tx = optim_lib.build_optimizer(config.optim, num_updates)
+  tx = precision.build_loss_scale(config.precision.loss_scale, tx)
+  if config.optim.accum_impl == "optax" and config.optim.accum_steps > 1:
+    tx = optax.MultiSteps(tx, every_k_schedule=config.optim.accum_steps).gradient_transformation()
+  return tx
+
+
+def make_eval_step(graphdef, loss_fn: chain_lib.ChainLoss, phase: int | None = None,
+                   policy: precision.Policy | None = None):
   """Sums over one padded eval batch: chain loss, per-stage loss and accuracy, example count."""
+  policy = policy or precision.get_policy("float32")
 
   def eval_step(state: TrainState, batch) -> dict:
-    model = nnx.merge(graphdef, state["params"], state["rest"])
-    output = model(batch["inputs"], mode=loss_fn.mode, train=False, phase=phase)
+    model = nnx.merge(graphdef, policy.cast_to_compute(state["params"]), state["rest"])
+    output = model(policy.cast_to_compute(batch["inputs"]), mode=loss_fn.mode, train=False, phase=phase)
     loss, metrics = loss_fn(output, batch["labels"], batch["mask"], phase=phase,
                             denominator=jnp.ones((), jnp.float32))
     return {"loss": loss, "count": batch["mask"].sum(), **metrics}
@@ -225,9 +262,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   model = chain_lib.build_chain(config, task, rngs=nnx.Rngs(config.seed))
   loss_fn = chain_lib.ChainLoss.from_config(config, task.label_specs)
   phase_ends = phase_starts[1:] + (config.total_steps,)
-  txs = [optim_lib.build_optimizer(config.optim, end - start) for start, end in zip(phase_starts, phase_ends)]
-  if config.optim.accum_impl == "optax" and config.optim.accum_steps > 1:
-    txs = [optax.MultiSteps(tx, every_k_schedule=config.optim.accum_steps).gradient_transformation() for tx in txs]
+  txs = [build_tx(config, end - start) for start, end in zip(phase_starts, phase_ends)]
   graphdef, state = init_train_state(model, txs[0])
   del model
   replicated = parallel.replicated(mesh)
@@ -263,7 +298,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
   def jit_train_step(phase: int | None):
     step_fn = make_train_step(graphdef, loss_fn, txs[phase or 0], seed=config.seed, phase=phase,
-                              stage_names=chain_lib.stage_names(config), accum_steps=accum_steps)
+                              stage_names=chain_lib.stage_names(config), accum_steps=accum_steps,
+                              policy=precision.get_policy(config.precision.policy),
+                              dynamic_loss_scale=config.precision.loss_scale.startswith("dynamic"))
     if accum_by_optax:  # one call per micro-batch: (state, micro_batch, denominator, micro_step)
       return jax.jit(step_fn, in_shardings=(replicated, batch_sharding, replicated, replicated),
                      out_shardings=(replicated, replicated), donate_argnums=0)
@@ -328,7 +365,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
           record["train/steps_per_sec"] = interval_steps / elapsed
           record["train/examples_per_sec"] = interval_steps * config.batch_size / elapsed
         if phase not in eval_steps:
-          eval_steps[phase] = jax.jit(make_eval_step(graphdef, loss_fn, phase),
+          eval_steps[phase] = jax.jit(make_eval_step(graphdef, loss_fn, phase,
+                                                     precision.get_policy(config.precision.policy)),
                                       in_shardings=(replicated, parallel.batch_sharding(mesh)))
         record.update(evaluate(eval_steps[phase], state, task, config, mesh))
         writer.write(step, record)
