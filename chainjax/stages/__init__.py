@@ -25,6 +25,7 @@ from flax import nnx
 from chainjax.config import ConfigError
 from chainjax.data.base import LOSSES, LabelSpec
 from chainjax.stages import conv, embedding, head, lstm, mlp, transformer
+from chainjax.stages import init as init_lib
 
 PASS_TO_NEXT = ("hidden", "prediction")
 
@@ -45,9 +46,14 @@ _COMMON_DEFAULTS = {
     "type": "",
     "loss": "",  # "" = the task's default loss for this stage's label
     "pass_to_next": "hidden",
+    # Kernel init of every Dense/Conv/Embedding/attention kernel of the stage and its
+    # head, by name (`init.INITS`); "default" = each Flax module's own default.
+    "init": "default",
     "head": {"enabled": True, "pool": "flatten", "hidden": 0},
 }
-_COMMON_CHOICES = {"loss": ("",) + LOSSES, "pass_to_next": PASS_TO_NEXT, "head.pool": head.POOLS}
+_COMMON_CHOICES = {
+    "loss": ("",) + LOSSES, "pass_to_next": PASS_TO_NEXT, "init": init_lib.INITS, "head.pool": head.POOLS,
+}
 
 _SCHEMAS = {
     "mlp": _Schema(
@@ -59,7 +65,9 @@ _SCHEMAS = {
     "embedding": _Schema(
         embedding, {"vocab_size": 20000, "features": 128}, positive=("vocab_size", "features")),
     "lstm": _Schema(
-        lstm, {"features": 128, "output": "last"}, choices={"output": lstm.OUTPUTS}, positive=("features",)),
+        # recurrent_init: the recurrent kernel's init ("orthogonal" is also Flax's default).
+        lstm, {"features": 128, "output": "last", "recurrent_init": "orthogonal"},
+        choices={"output": lstm.OUTPUTS, "recurrent_init": init_lib.INITS}, positive=("features",)),
     "transformer": _Schema(
         transformer,
         {"num_layers": 2, "num_heads": 4, "mlp_dim": 256, "dropout_rate": 0.0, "pool": "none", "max_len": 512},
@@ -221,7 +229,8 @@ def build_head(cfg, in_shape: tuple[int, ...], spec: LabelSpec, *, rngs: nnx.Rng
   validate_stage_config(cfg, path)
   if not cfg.head.enabled:
     return None
-  return head.build(cfg.head, tuple(in_shape), spec, rngs=rngs, path=path)
+  return head.build(cfg.head, tuple(in_shape), spec, rngs=rngs, path=path,
+                    kernel_init=init_lib.kernel_init(cfg.init))
 
 
 def output_shape(module: nnx.Module, in_shape: tuple[int, ...], in_dtype) -> jax.ShapeDtypeStruct:

@@ -11,6 +11,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from chainjax.config import ConfigError
+from chainjax.stages import init as init_lib
 
 POOLS = ("max", "avg", "none")
 NORMS = ("none", "batch")
@@ -20,13 +21,13 @@ class ConvNet(nnx.Module):
   """Conv(kernel_size, 'SAME') -> [BatchNorm] -> relu -> [2x2 pool] per entry of `features`."""
 
   def __init__(self, in_channels: int, *, features: tuple[int, ...], kernel_size: int, pool: str, norm: str,
-               rngs: nnx.Rngs):
+               rngs: nnx.Rngs, kernel_init: init_lib.Initializer | None = None):
     self.pool = pool
     widths = (in_channels,) + tuple(features)
     # With BatchNorm right after, a conv bias would be cancelled by the mean subtraction.
     self.convs = nnx.List([
         nnx.Conv(a, b, kernel_size=(kernel_size, kernel_size), padding="SAME", use_bias=norm == "none",
-                 rngs=rngs)
+                 **init_lib.init_kwargs(kernel_init), rngs=rngs)
         for a, b in zip(widths[:-1], widths[1:])
     ])
     self.norms = nnx.List([nnx.BatchNorm(b, rngs=rngs) for b in widths[1:]] if norm == "batch" else [])
@@ -61,4 +62,4 @@ def build(cfg, in_shape: tuple[int, ...], in_dtype, *, rngs: nnx.Rngs, path: str
                       f"{len(cfg.features)} conv layers with 2x2 pooling need H, W >= {2 ** len(cfg.features)}, "
                       f"got input shape {in_shape}")
   return ConvNet(in_shape[-1], features=tuple(cfg.features), kernel_size=cfg.kernel_size, pool=cfg.pool,
-                 norm=cfg.norm, rngs=rngs)
+                 norm=cfg.norm, rngs=rngs, kernel_init=init_lib.kernel_init(cfg.init))

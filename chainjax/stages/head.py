@@ -16,6 +16,7 @@ from flax import nnx
 
 from chainjax.config import ConfigError
 from chainjax.data.base import LabelSpec
+from chainjax.stages import init as init_lib
 
 POOLS = ("flatten", "mean", "last")
 
@@ -33,7 +34,7 @@ class ClassifierHead(nnx.Module):
   """Pool the feature axes of each item, [Dense(hidden) -> relu], Dense to the label's logits."""
 
   def __init__(self, in_shape: tuple[int, ...], spec: LabelSpec, *, pool: str, hidden: int, rngs: nnx.Rngs,
-               path: str = "stage"):
+               path: str = "stage", kernel_init: init_lib.Initializer | None = None):
     items = tuple(spec.shape[: spec.item_axes])
     if tuple(in_shape[: spec.item_axes]) != items:
       raise ConfigError(f"{path}.head",
@@ -48,9 +49,10 @@ class ClassifierHead(nnx.Module):
     self.item_axes = spec.item_axes
     self.logits_shape = tuple(spec.logits_shape)
     features = pooled_features(feature_shape, pool)
-    self.hidden = nnx.Linear(features, hidden, rngs=rngs) if hidden > 0 else None
+    init = init_lib.init_kwargs(kernel_init)
+    self.hidden = nnx.Linear(features, hidden, **init, rngs=rngs) if hidden > 0 else None
     self.out = nnx.Linear(hidden if hidden > 0 else features, math.prod(self.logits_shape[spec.item_axes:]),
-                          rngs=rngs)
+                          **init, rngs=rngs)
 
   def __call__(self, x: jax.Array, *, train: bool, key: jax.Array | None = None) -> jax.Array:
     del train, key  # no dropout or batch statistics in the head
@@ -67,6 +69,8 @@ class ClassifierHead(nnx.Module):
     return self.out(x).reshape((x.shape[0],) + self.logits_shape)  # [B, *logits_shape]
 
 
-def build(head_cfg, in_shape: tuple[int, ...], spec: LabelSpec, *, rngs: nnx.Rngs, path: str) -> ClassifierHead:
-  """The head of a validated stage config's `head` field."""
-  return ClassifierHead(tuple(in_shape), spec, pool=head_cfg.pool, hidden=head_cfg.hidden, rngs=rngs, path=path)
+def build(head_cfg, in_shape: tuple[int, ...], spec: LabelSpec, *, rngs: nnx.Rngs, path: str,
+          kernel_init: init_lib.Initializer | None = None) -> ClassifierHead:
+  """The head of a validated stage config's `head` field; `kernel_init` comes from the stage's `init`."""
+  return ClassifierHead(tuple(in_shape), spec, pool=head_cfg.pool, hidden=head_cfg.hidden, rngs=rngs, path=path,
+                        kernel_init=kernel_init)

@@ -7,19 +7,28 @@ import jax.numpy as jnp
 from flax import nnx
 
 from chainjax.config import ConfigError
+from chainjax.stages import init as init_lib
 
 OUTPUTS = ("last", "sequence")
 
 
 class LSTM(nnx.Module):
-  """A unidirectional LSTM (Flax default inits: lecun-normal input, orthogonal recurrent kernel)."""
+  """A unidirectional LSTM (Flax default inits: lecun-normal input, orthogonal recurrent kernel).
 
-  def __init__(self, in_features: int, *, features: int, output: str, rngs: nnx.Rngs):
+  `kernel_init` sets the input kernel [F_in, 4F] and `recurrent_kernel_init` the
+  recurrent kernel [F, 4F] (the four gates side by side); None keeps Flax's default.
+  """
+
+  def __init__(self, in_features: int, *, features: int, output: str, rngs: nnx.Rngs,
+               kernel_init: init_lib.Initializer | None = None,
+               recurrent_kernel_init: init_lib.Initializer | None = None):
     self.features = features
     self.output = output
     # rngs=False: the RNN keeps no RNG stream (it would only seed the carry, which
     # we set to zeros ourselves), so the module holds parameters only.
-    self.rnn = nnx.RNN(nnx.OptimizedLSTMCell(in_features, features, rngs=rngs), return_carry=True, rngs=False)
+    cell = nnx.OptimizedLSTMCell(in_features, features, **init_lib.init_kwargs(kernel_init),
+                                 **init_lib.init_kwargs(recurrent_kernel_init, "recurrent_kernel_init"), rngs=rngs)
+    self.rnn = nnx.RNN(cell, return_carry=True, rngs=False)
 
   def __call__(self, x: jax.Array, *, train: bool, key: jax.Array | None = None) -> jax.Array:
     del train, key  # no dropout or batch statistics in this stage
@@ -37,4 +46,6 @@ def build(cfg, in_shape: tuple[int, ...], in_dtype, *, rngs: nnx.Rngs, path: str
     raise ConfigError(f"{path}.type",
                       f"lstm needs a per-example input [T, F] (rank >= 2), got shape {in_shape}; "
                       "put an embedding stage first for tokens")
-  return LSTM(in_shape[-1], features=cfg.features, output=cfg.output, rngs=rngs)
+  return LSTM(in_shape[-1], features=cfg.features, output=cfg.output, rngs=rngs,
+              kernel_init=init_lib.kernel_init(cfg.init),
+              recurrent_kernel_init=init_lib.kernel_init(cfg.recurrent_init))

@@ -15,6 +15,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from chainjax.config import ConfigError
+from chainjax.stages import init as init_lib
 
 POOLS = ("none", "mean", "first")
 
@@ -29,17 +30,19 @@ def _fold(key: jax.Array | None, i: int) -> jax.Array | None:
 class EncoderBlock(nnx.Module):
   """x + Dropout(MHA(LN(x))), then x + Dropout(MLP(LN(x))) with a gelu MLP."""
 
-  def __init__(self, dim: int, *, num_heads: int, mlp_dim: int, dropout_rate: float, rngs: nnx.Rngs):
+  def __init__(self, dim: int, *, num_heads: int, mlp_dim: int, dropout_rate: float, rngs: nnx.Rngs,
+               kernel_init: init_lib.Initializer | None = None):
     self.dropout_rate = dropout_rate
+    init = init_lib.init_kwargs(kernel_init)  # q, k, v, out and both MLP kernels
     self.attn_norm = nnx.LayerNorm(dim, rngs=rngs)
     # keep_rngs=False: the dropout key comes with each call instead of living in the
     # module. broadcast_dropout=False: Flax's default shares one attention-dropout
     # mask across the batch and heads; BERT draws one per example and head.
     self.attn = nnx.MultiHeadAttention(num_heads=num_heads, in_features=dim, dropout_rate=dropout_rate,
-                                       broadcast_dropout=False, decode=False, keep_rngs=False, rngs=rngs)
+                                       broadcast_dropout=False, decode=False, keep_rngs=False, **init, rngs=rngs)
     self.mlp_norm = nnx.LayerNorm(dim, rngs=rngs)
-    self.mlp_in = nnx.Linear(dim, mlp_dim, rngs=rngs)
-    self.mlp_out = nnx.Linear(mlp_dim, dim, rngs=rngs)
+    self.mlp_in = nnx.Linear(dim, mlp_dim, **init, rngs=rngs)
+    self.mlp_out = nnx.Linear(mlp_dim, dim, **init, rngs=rngs)
     self.dropout = nnx.Dropout(dropout_rate)
 
   def __call__(self, x: jax.Array, *, train: bool, key: jax.Array | None = None) -> jax.Array:
@@ -54,16 +57,22 @@ class EncoderBlock(nnx.Module):
 
 
 class Transformer(nnx.Module):
-  """Position embedding, `num_layers` pre-LN encoder blocks, final LayerNorm, then `pool`."""
+  """Position embedding, `num_layers` pre-LN encoder blocks, final LayerNorm, then `pool`.
+
+  `kernel_init` (None = Flax's defaults) sets every attention and MLP kernel; the
+  position embedding keeps its BERT init N(0, 0.02^2), since it is an additive bias
+  on the input rather than a kernel with a fan-in.
+  """
 
   def __init__(self, dim: int, *, num_layers: int, num_heads: int, mlp_dim: int, dropout_rate: float, pool: str,
-               max_len: int, rngs: nnx.Rngs):
+               max_len: int, rngs: nnx.Rngs, kernel_init: init_lib.Initializer | None = None):
     self.pool = pool
     self.dropout_rate = dropout_rate
     self.position_embedding = nnx.Param(nnx.initializers.normal(stddev=0.02)(rngs.params(), (max_len, dim)))
     self.dropout = nnx.Dropout(dropout_rate)
     self.blocks = nnx.List([
-        EncoderBlock(dim, num_heads=num_heads, mlp_dim=mlp_dim, dropout_rate=dropout_rate, rngs=rngs)
+        EncoderBlock(dim, num_heads=num_heads, mlp_dim=mlp_dim, dropout_rate=dropout_rate, rngs=rngs,
+                     kernel_init=kernel_init)
         for _ in range(num_layers)
     ])
     self.final_norm = nnx.LayerNorm(dim, rngs=rngs)
@@ -99,4 +108,5 @@ def build(cfg, in_shape: tuple[int, ...], in_dtype, *, rngs: nnx.Rngs, path: str
     raise ConfigError(f"{path}.num_heads", f"model dim {dim} (the input's last axis) is not divisible by "
                       f"num_heads={cfg.num_heads}")
   return Transformer(dim, num_layers=cfg.num_layers, num_heads=cfg.num_heads, mlp_dim=cfg.mlp_dim,
-                     dropout_rate=cfg.dropout_rate, pool=cfg.pool, max_len=cfg.max_len, rngs=rngs)
+                     dropout_rate=cfg.dropout_rate, pool=cfg.pool, max_len=cfg.max_len, rngs=rngs,
+                     kernel_init=init_lib.kernel_init(cfg.init))
