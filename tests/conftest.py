@@ -2,13 +2,19 @@
 
 import os
 
+# 8 fake CPU devices. On 2 cores, 8 device threads per program can be starved long enough at an
+# all-reduce rendezvous that XLA aborts the process after its default 40 s ("only 7 of them
+# arrived"), above all on a loaded machine: give collectives 10 minutes instead.
 _flags = os.environ.get("XLA_FLAGS", "")
-if "xla_force_host_platform_device_count" not in _flags:
-  os.environ["XLA_FLAGS"] = (
-      _flags + " --xla_force_host_platform_device_count=8").strip()
+for _flag in ("--xla_force_host_platform_device_count=8",
+              "--xla_cpu_collective_call_terminate_timeout_seconds=600",
+              "--xla_cpu_collective_timeout_seconds=600"):
+  if _flag.split("=")[0] not in _flags:
+    _flags += " " + _flag
+os.environ["XLA_FLAGS"] = _flags.strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
-# With 8 fake devices on 2 cores, several programs in flight at once can starve one device's
-# thread at an all-reduce rendezvous (XLA aborts after 40 s: "only 7 of them arrived"). Running
-# each CPU program to completion before the next is dispatched avoids it; it only costs speed.
+# Several programs with collectives in flight at once can deadlock the fake devices' shared
+# thread pool; running each CPU program to completion before the next is dispatched avoids it
+# (it only costs speed).
 os.environ.setdefault("JAX_CPU_ENABLE_ASYNC_DISPATCH", "false")
