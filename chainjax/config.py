@@ -267,6 +267,12 @@ def _validate_chain(config, task, stages_lib, chain_lib) -> None:
     if len(phases) != len(stages) or sum(phases) != config.total_steps:
       raise ConfigError("chain.phase_steps", f"needs one budget per stage ({len(stages)}) summing to "
                         f"total_steps={config.total_steps}, got {phases}")
+  metric = config.early_stopping.metric
+  known = ["eval/loss", "eval/accuracy"] + [f"eval/stage_{i + 1}/{m}" for i, s in enumerate(stages)
+                                            if s.head.enabled for m in ("loss", "accuracy")]
+  if metric and metric not in known:
+    raise ConfigError("early_stopping.metric", f"{metric!r} is not an eval metric of this chain; "
+                      f"allowed: {', '.join(known)}")
   if chain.mode == "progressive":
     for i, stage in enumerate(stages):
       if not stage.head.enabled:

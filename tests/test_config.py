@@ -58,6 +58,11 @@ def test_wrong_type_in_unlocked_config():
     ("optim.optimizer", "rmsprop", "config.optim.optimizer: 'rmsprop' is not one of: adam, adamw, sgd"),
     ("data.name", "mnist", "config.data.name: 'mnist' is not one of: parity, line_parity"),
     ("early_stopping.metric", "accuracy", "config.early_stopping.metric: 'accuracy' must name an eval metric"),
+    ("early_stopping.metric", "eval/auc", "config.early_stopping.metric: 'eval/auc' is not an eval metric of "
+     "this chain; allowed: eval/loss, eval/accuracy, eval/stage_1/loss"),
+    ("precision.policy", "compute=float8", "config.precision.policy: precision policy: unknown dtype 'float8'"),
+    ("precision.loss_scale", "dynamic:foo=1", "config.precision.loss_scale: loss scale 'dynamic:foo=1': bad"),
+    ("optim.accum_steps", 3, "config.optim.accum_steps: batch_size=256 must split into accum_steps=3"),
     ("chain.loss_weights", (1.0, 1.0), "config.chain.loss_weights: has 2 entries for 3 stages"),
     ("chain.phase_steps", (100, 100, 100), "config.chain.phase_steps: needs one budget per stage (3) summing"),
 ])
