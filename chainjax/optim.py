@@ -1,41 +1,401 @@
 """`config.optim` -> one optax `GradientTransformation`, built in one place.
 
-The chain is `clip_by_global_norm` (when `grad_clip_norm > 0`) followed by the
-optimizer, whose learning rate is a schedule indexed by optimizer updates.
+The chain, in order:
+
+    clip_by_global_norm(grad_clip_norm)          # when > 0; the train step accumulates before it
+    partition({stage: stage_transform}, labels)  # one optimizer per chain stage
+      stage_transform = optimizer(schedule)      # adam | adamw | sgd | lamb | adafactor | lion
+                        [-> plateau_scale]       # schedule == "reduce_on_plateau": last, x scale
+                      | freeze()                 # per_stage.<stage>.frozen
+
+Labels come from the parameter paths `('stages', <stage name>, ...)` (see
+`chain.stage_of_path`). Every schedule is indexed by optimizer updates: update
+n (0-based) uses `schedule(n)`. Decoupled weight decay touches only parameters
+with `ndim >= 2` (kernels, embeddings), never biases or norm scales.
+
+Typical use (what `train.py` does):
+
+    tx = build_optimizer(config.optim, config.total_steps, chain.stage_names(config))
+    schedules = stage_schedules(config.optim, config.total_steps, chain.stage_names(config))
+    ...
+    opt_state = report_eval_metric(opt_state, eval_metrics[config.optim.plateau_metric])
+    lrs = stage_learning_rates(schedules, update, opt_state)   # {"train/lr/<stage>": float}
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
 import ml_collections
 import optax
 
-OPTIMIZERS = ("adam", "adamw", "sgd")
-SCHEDULES = ("constant", "warmup_cosine")
+from chainjax import chain as chain_lib
+from chainjax.config import OPTIMIZERS, SCHEDULES, STAGE_OPTIM_FIELDS
+
+INHERIT = ""  # per_stage string fields (optimizer, schedule): "" = the default's value
+INHERIT_FLOAT = -1.0  # per_stage float fields (learning_rate, weight_decay): -1.0 = the default's value
+
+__all__ = [
+    "OPTIMIZERS", "SCHEDULES", "PlateauState", "StageOptim", "build_optimizer", "build_schedule",
+    "decay_mask", "freeze", "per_stage_norms", "plateau_scale", "plateau_scales", "report_eval_metric",
+    "resolve_stages", "stage_labels", "stage_learning_rates", "stage_schedules", "uses_plateau",
+]
 
 
-def build_schedule(optim: ml_collections.ConfigDict, total_steps: int) -> optax.Schedule:
-  """The learning-rate schedule: its value at update n is the LR of update n."""
-  lr = optim.learning_rate
-  if optim.schedule == "constant":
+# --------------------------------------------------------------------------------------------
+# Per-stage settings.
+# --------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class StageOptim:
+  """The optimizer settings of one stage, overrides and `lr_decay_per_stage` applied."""
+
+  optimizer: str
+  learning_rate: float
+  schedule: str
+  weight_decay: float
+  frozen: bool
+
+
+def resolve_stages(optim: ml_collections.ConfigDict, stage_names: tuple[str, ...]) -> dict[str, StageOptim]:
+  """Each stage's settings: `per_stage.<stage>` where set, else the default.
+
+  `lr_decay_per_stage` = d gives stage i of n the learning rate `learning_rate * d**(n-1-i)`
+  (the last stage keeps `learning_rate`); an explicit `per_stage.<stage>.learning_rate`
+  is used as given, without the decay.
+  """
+  overrides = optim.get("per_stage") or {}
+  unknown = sorted(set(overrides.keys()) - set(stage_names))
+  if unknown:
+    raise ValueError(f"config.optim.per_stage: {', '.join(unknown)} not stage names; "
+                     f"stages: {', '.join(stage_names)}")
+  n = len(stage_names)
+  out = {}
+  for i, name in enumerate(stage_names):
+    o = overrides.get(name) or {}
+    lr = o.get("learning_rate", INHERIT_FLOAT)
+    if lr == INHERIT_FLOAT:
+      lr = optim.learning_rate * optim.lr_decay_per_stage ** (n - 1 - i)
+    weight_decay = o.get("weight_decay", INHERIT_FLOAT)
+    out[name] = StageOptim(
+        optimizer=o.get("optimizer", INHERIT) or optim.optimizer,
+        learning_rate=float(lr),
+        schedule=o.get("schedule", INHERIT) or optim.schedule,
+        weight_decay=float(optim.weight_decay if weight_decay == INHERIT_FLOAT else weight_decay),
+        frozen=bool(o.get("frozen", False)),
+    )
+  return out
+
+
+def stage_labels(stage_names: tuple[str, ...]):
+  """The `optax.partition` labels fn: every leaf of a chain parameter tree -> its stage name."""
+  known = frozenset(stage_names)
+
+  def label(path, _):
+    stage = chain_lib.stage_of_path(path)
+    if stage not in known:
+      raise ValueError(f"parameter {jax.tree_util.keystr(path)} is in no stage of {stage_names}")
+    return stage
+
+  return lambda tree: jax.tree.map_with_path(label, tree)
+
+
+# --------------------------------------------------------------------------------------------
+# Schedules.
+# --------------------------------------------------------------------------------------------
+
+
+def _steps_per_epoch(optim: ml_collections.ConfigDict, from_data: int) -> int:
+  return optim.steps_per_epoch or from_data
+
+
+def _schedule(name: str, lr: float, optim: ml_collections.ConfigDict, total_steps: int,
+              steps_per_epoch: int) -> optax.Schedule:
+  """The schedule `name` peaking at `lr`; the other shape fields come from `optim`."""
+  warmup = optim.warmup_steps
+  if name in ("constant", "reduce_on_plateau"):  # the plateau scale lives in the opt state
     return optax.constant_schedule(lr)
-  if optim.schedule == "warmup_cosine":
+  if name == "warmup_cosine":
     return optax.warmup_cosine_decay_schedule(
-        init_value=0.0, peak_value=lr, warmup_steps=optim.warmup_steps,
-        decay_steps=max(total_steps, optim.warmup_steps + 1), end_value=lr * optim.end_lr_factor)
-  raise ValueError(f"config.optim.schedule: unknown {optim.schedule!r}; allowed: {', '.join(SCHEDULES)}")
+        init_value=0.0, peak_value=lr, warmup_steps=warmup,
+        decay_steps=max(total_steps, warmup + 1), end_value=lr * optim.end_lr_factor)
+  if name == "warmup_linear":
+    return optax.join_schedules(
+        [optax.linear_schedule(0.0, lr, warmup),
+         optax.linear_schedule(lr, lr * optim.end_lr_factor, max(total_steps - warmup, 1))],
+        [warmup])
+  if name == "exponential_per_epoch":
+    if steps_per_epoch <= 0:
+      raise ValueError("config.optim.steps_per_epoch: exponential_per_epoch needs the epoch length; "
+                       "the data gives none, so set it > 0")
+    return optax.exponential_decay(init_value=lr, transition_steps=steps_per_epoch,
+                                   decay_rate=optim.decay_rate, staircase=True)
+  if name == "piecewise_constant":
+    if len(optim.boundaries) != len(optim.scales):
+      raise ValueError(f"config.optim.boundaries: {len(optim.boundaries)} boundaries for "
+                       f"{len(optim.scales)} scales")
+    return optax.piecewise_constant_schedule(
+        lr, {int(b): float(s) for b, s in zip(optim.boundaries, optim.scales)})
+  raise ValueError(f"config.optim.schedule: unknown {name!r}; allowed: {', '.join(SCHEDULES)}")
 
 
-def build_optimizer(optim: ml_collections.ConfigDict, total_steps: int) -> optax.GradientTransformation:
-  """The optimizer of `config.optim` for a run of `total_steps` updates."""
-  schedule = build_schedule(optim, total_steps)
-  if optim.optimizer == "adam":
-    tx = optax.adam(schedule, b1=optim.b1, b2=optim.b2, eps=optim.eps)
-  elif optim.optimizer == "adamw":
-    tx = optax.adamw(schedule, b1=optim.b1, b2=optim.b2, eps=optim.eps, weight_decay=optim.weight_decay)
-  elif optim.optimizer == "sgd":
-    tx = optax.sgd(schedule, momentum=optim.momentum or None, nesterov=optim.nesterov)
+def build_schedule(optim: ml_collections.ConfigDict, total_steps: int, steps_per_epoch: int = 0) -> optax.Schedule:
+  """The default learning-rate schedule (no per-stage overrides): its value at n is the LR of update n."""
+  return _schedule(optim.schedule, optim.learning_rate, optim, total_steps,
+                   _steps_per_epoch(optim, steps_per_epoch))
+
+
+def stage_schedules(optim: ml_collections.ConfigDict, total_steps: int, stage_names: tuple[str, ...],
+                    steps_per_epoch: int = 0) -> dict[str, optax.Schedule]:
+  """Each stage's LR schedule as `build_optimizer` builds it (0 for frozen stages).
+
+  With `reduce_on_plateau` the LR is additionally multiplied by the plateau scale in
+  the optimizer state: `stage_learning_rates` applies it.
+  """
+  spe = _steps_per_epoch(optim, steps_per_epoch)
+  return {name: optax.constant_schedule(0.0) if s.frozen
+          else _schedule(s.schedule, s.learning_rate, optim, total_steps, spe)
+          for name, s in resolve_stages(optim, stage_names).items()}
+
+
+# --------------------------------------------------------------------------------------------
+# Building blocks.
+# --------------------------------------------------------------------------------------------
+
+
+def decay_mask(params: Any) -> Any:
+  """Weight-decay mask: True for kernels and embeddings (ndim >= 2), False for biases and norm scales."""
+  return jax.tree.map(lambda p: jnp.ndim(p) >= 2, params)
+
+
+def freeze() -> optax.GradientTransformation:
+  """`optax.set_to_zero`, but the zeros are -0.0: frozen parameters stay bit-identical.
+
+  `apply_updates` computes `p + u`. IEEE -0.0 is the exact additive identity (x + -0.0 is
+  x, bit for bit, for every x, -0.0 and NaN included), whereas +0.0 turns a -0.0
+  parameter into +0.0 (-0.0 + +0.0 = +0.0). Inside `jit`, XLA happens to fold `x + 0`
+  away, but that is an optimisation, not a guarantee (eager `apply_updates` flips it).
+
+  Example:
+    >>> params = {"w": jnp.array([-0.0, 1.0])}
+    >>> tx = freeze()
+    >>> updates, _ = tx.update({"w": jnp.array([3.0, 4.0])}, tx.init(params), params)
+    >>> bool(jnp.signbit(optax.apply_updates(params, updates)["w"][0]))
+    True
+  """
+
+  def update(updates, state, params=None):
+    del params
+    return jax.tree.map(lambda u: jnp.full_like(u, -0.0), updates), state
+
+  return optax.GradientTransformation(optax.init_empty_state, update)
+
+
+def _sgd(schedule: optax.Schedule, momentum: float, nesterov: bool, weight_decay: float):
+  """SGD with momentum; weight decay is decoupled from the momentum (SGDW) and scaled by the LR."""
+  parts = []
+  if momentum:
+    parts.append(optax.trace(decay=momentum, nesterov=nesterov))
+  if weight_decay:
+    parts.append(optax.add_decayed_weights(weight_decay, mask=decay_mask))
+  parts.append(optax.scale_by_learning_rate(schedule))
+  return optax.chain(*parts)
+
+
+def _optimizer(name: str, schedule: optax.Schedule, weight_decay: float,
+               optim: ml_collections.ConfigDict) -> optax.GradientTransformation:
+  if name == "adam":
+    if weight_decay:
+      raise ValueError("config.optim.weight_decay: adam has no weight decay; use adamw")
+    return optax.adam(schedule, b1=optim.b1, b2=optim.b2, eps=optim.eps)
+  if name == "adamw":
+    return optax.adamw(schedule, b1=optim.b1, b2=optim.b2, eps=optim.eps, weight_decay=weight_decay,
+                       mask=decay_mask)
+  if name == "sgd":
+    return _sgd(schedule, optim.momentum, optim.nesterov, weight_decay)
+  if name == "lamb":
+    return optax.lamb(schedule, b1=optim.b1, b2=optim.b2, eps=optim.eps, weight_decay=weight_decay,
+                      mask=decay_mask)
+  if name == "lion":
+    return optax.lion(schedule, b1=optim.b1, b2=optim.b2, weight_decay=weight_decay, mask=decay_mask)
+  if name == "adafactor":  # optax adds adafactor's decay after the LR: the rate is not LR-scaled
+    return optax.adafactor(schedule, weight_decay_rate=weight_decay or None, weight_decay_mask=decay_mask)
+  raise ValueError(f"config.optim.optimizer: unknown {name!r}; allowed: {', '.join(OPTIMIZERS)}")
+
+
+def _stage_transform(stage: StageOptim, optim: ml_collections.ConfigDict, total_steps: int,
+                     steps_per_epoch: int) -> optax.GradientTransformation:
+  if stage.frozen:
+    return freeze()
+  schedule = _schedule(stage.schedule, stage.learning_rate, optim, total_steps, steps_per_epoch)
+  tx = _optimizer(stage.optimizer, schedule, stage.weight_decay, optim)
+  if stage.schedule == "reduce_on_plateau":
+    tx = optax.chain(tx, plateau_scale(optim.plateau_factor, optim.plateau_patience, optim.plateau_min_scale,
+                                       optim.plateau_mode, optim.plateau_min_delta))
+  return tx
+
+
+def build_optimizer(optim: ml_collections.ConfigDict, total_steps: int, stage_names: tuple[str, ...] = (),
+                    steps_per_epoch: int = 0) -> optax.GradientTransformation:
+  """The optimizer of `config.optim` for a run of `total_steps` updates of a chain with `stage_names`.
+
+  `steps_per_epoch` is the data's epoch length in updates (0 = unknown); a non-zero
+  `optim.steps_per_epoch` overrides it. Without `stage_names` (the old call) one
+  optimizer covers every parameter, and per-stage options are refused.
+
+  Example:
+    >>> from chainjax import config as config_lib
+    >>> optim_config = config_lib.base_config().optim
+    >>> optim_config.per_stage.s0 = config_lib.stage_optim(frozen=True)
+    >>> tx = build_optimizer(optim_config, total_steps=100, stage_names=("s0", "s1"))
+    >>> params = {"stages": {"s0": {"body": {"w": jnp.ones(2)}}, "s1": {"body": {"w": jnp.ones(2)}}}}
+    >>> updates, opt_state = tx.update(params, tx.init(params), params)  # gradients = params here
+    >>> [round(float(u[0]), 6) for u in jax.tree.leaves(updates)]  # s0 frozen, s1 adam
+    [-0.0, -0.001]
+  """
+  spe = _steps_per_epoch(optim, steps_per_epoch)
+  if stage_names:
+    stages = resolve_stages(optim, tuple(stage_names))
+    tx = optax.partition({name: _stage_transform(s, optim, total_steps, spe) for name, s in stages.items()},
+                         stage_labels(tuple(stage_names)))
   else:
-    raise ValueError(f"config.optim.optimizer: unknown {optim.optimizer!r}; allowed: {', '.join(OPTIMIZERS)}")
+    if optim.get("per_stage") or optim.lr_decay_per_stage != 1.0:
+      raise ValueError("config.optim.per_stage / lr_decay_per_stage need build_optimizer(..., stage_names)")
+    default = StageOptim(optim.optimizer, optim.learning_rate, optim.schedule, optim.weight_decay, False)
+    tx = _stage_transform(default, optim, total_steps, spe)
   if optim.grad_clip_norm > 0:
     tx = optax.chain(optax.clip_by_global_norm(optim.grad_clip_norm), tx)
   return tx
+
+
+# --------------------------------------------------------------------------------------------
+# Reduce on plateau.
+# --------------------------------------------------------------------------------------------
+
+
+class PlateauState(NamedTuple):
+  """The reduce-on-plateau state; the rule's settings travel with it (as `inject_hyperparams` does)."""
+
+  scale: jax.Array  # [] f32: multiplies every update of its stage
+  best: jax.Array  # [] f32: best metric so far; +inf (min) or -inf (max) before the first eval
+  bad_evals: jax.Array  # [] i32: evals without improvement since the last improvement or reduction
+  factor: jax.Array  # [] f32: scale *= factor after `patience` bad evals
+  patience: jax.Array  # [] i32
+  min_scale: jax.Array  # [] f32: the scale never drops below this
+  min_delta: jax.Array  # [] f32: an improvement must beat `best` by more than this
+  maximize: jax.Array  # [] bool: mode == "max"
+
+
+def plateau_scale(factor: float = 0.5, patience: int = 3, min_scale: float = 0.0, mode: str = "min",
+                  min_delta: float = 0.0) -> optax.GradientTransformation:
+  """Multiplies updates by `state.scale`, which `report_eval_metric` lowers on a plateau.
+
+  Put it last in the chain. The update itself never changes the state (it runs under
+  `jit` every step); evals happen on the host, which calls `report_eval_metric`.
+
+  Example:
+    >>> tx = optax.chain(optax.sgd(0.1), plateau_scale(factor=0.5, patience=2))
+    >>> params = {"w": jnp.ones(3)}
+    >>> opt_state = tx.init(params)
+    >>> for loss in (1.0, 1.0, 1.0):  # no improvement after the first eval
+    ...   opt_state = report_eval_metric(opt_state, loss)
+    >>> float(plateau_scales(opt_state)[""])
+    0.5
+  """
+  if mode not in ("min", "max"):
+    raise ValueError(f"config.optim.plateau_mode: {mode!r} is not one of: min, max")
+
+  def init(params):
+    del params
+    f32 = functools.partial(jnp.asarray, dtype=jnp.float32)
+    return PlateauState(
+        scale=f32(1.0), best=f32(-jnp.inf if mode == "max" else jnp.inf),
+        bad_evals=jnp.zeros((), jnp.int32), factor=f32(factor), patience=jnp.asarray(patience, jnp.int32),
+        min_scale=f32(min_scale), min_delta=f32(min_delta), maximize=jnp.asarray(mode == "max"))
+
+  def update(updates, state, params=None):
+    del params
+    return jax.tree.map(lambda u: u * state.scale.astype(u.dtype), updates), state
+
+  return optax.GradientTransformation(init, update)
+
+
+@jax.jit
+def _plateau_rule(state: PlateauState, value: jax.Array) -> PlateauState:
+  """One eval: improvement -> new best; `patience` evals without -> scale *= factor (floored)."""
+  gain = jnp.where(state.maximize, value - state.best, state.best - value)
+  improved = gain > state.min_delta  # False for NaN
+  bad = jnp.where(improved, 0, state.bad_evals + 1)
+  reduce = bad >= state.patience
+  return state._replace(
+      best=jnp.where(improved, value, state.best),
+      bad_evals=jnp.where(reduce, 0, bad),
+      scale=jnp.where(reduce, jnp.maximum(state.scale * state.factor, state.min_scale), state.scale))
+
+
+def _is_plateau(x) -> bool:
+  return isinstance(x, PlateauState)
+
+
+def report_eval_metric(opt_state: Any, value: float) -> Any:
+  """Applies the reduce-on-plateau rule to every `PlateauState` in `opt_state` (host side, after an eval).
+
+  Returns `opt_state` unchanged when it holds no plateau state.
+  """
+  value = jnp.float32(value)
+  return jax.tree.map(lambda s: _plateau_rule(s, value) if _is_plateau(s) else s, opt_state,
+                      is_leaf=_is_plateau)
+
+
+def _stage_of_state_path(path) -> str:
+  """The partition label above a state (`...inner_states[<stage>]...`); "" outside a partition."""
+  for prev, key in zip(path, path[1:]):
+    if getattr(prev, "name", None) == "inner_states":
+      return str(getattr(key, "key", key))
+  return ""
+
+
+def plateau_scales(opt_state: Any) -> dict[str, jax.Array]:
+  """`{stage: current plateau scale}` for every stage with `reduce_on_plateau` ("" without stages)."""
+  found = jax.tree.leaves_with_path(opt_state, is_leaf=_is_plateau)
+  return {_stage_of_state_path(path): s.scale for path, s in found if _is_plateau(s)}
+
+
+def uses_plateau(optim: ml_collections.ConfigDict) -> bool:
+  """Whether any stage uses `reduce_on_plateau` (then report `optim.plateau_metric` after each eval)."""
+  schedules = [optim.schedule] + [o.get("schedule", INHERIT) for o in (optim.get("per_stage") or {}).values()]
+  return "reduce_on_plateau" in schedules
+
+
+def stage_learning_rates(schedules: dict[str, optax.Schedule], update: int, opt_state: Any = None,
+                         prefix: str = "train/lr") -> dict[str, float]:
+  """`{f"{prefix}/{stage}": LR of update `update` (0-based)}`, plateau scale included (host side)."""
+  scales = jax.device_get(plateau_scales(opt_state)) if opt_state is not None else {}
+  return {f"{prefix}/{name}": float(schedule(update)) * float(scales.get(name, 1.0))
+          for name, schedule in schedules.items()}
+
+
+# --------------------------------------------------------------------------------------------
+# Per-stage norms (for logging).
+# --------------------------------------------------------------------------------------------
+
+
+def per_stage_norms(tree: Any, prefix: str) -> dict[str, jax.Array]:
+  """`{f"{prefix}/{stage}": global L2 norm of the stage's leaves}` of a chain tree (jit-able, f32).
+
+  Example:
+    >>> grads = {"stages": {"s0": {"body": {"w": jnp.full(4, 0.5)}}, "s1": {"head": {"b": jnp.ones(1)}}}}
+    >>> {k: float(v) for k, v in per_stage_norms(grads, "train/grad_norm").items()}
+    {'train/grad_norm/s0': 1.0, 'train/grad_norm/s1': 1.0}
+  """
+  squares: dict[str, jax.Array] = {}
+  for path, leaf in jax.tree.leaves_with_path(tree):
+    stage = chain_lib.stage_of_path(path)
+    sq = jnp.sum(jnp.square(jnp.asarray(leaf, jnp.float32)))
+    squares[stage] = squares[stage] + sq if stage in squares else sq
+  return {f"{prefix}/{stage}": jnp.sqrt(sq) for stage, sq in squares.items()}
