@@ -142,6 +142,9 @@ def make_train_step(graphdef, loss_fn: chain_lib.ChainLoss, tx: optax.GradientTr
                                state["nonfinite_step"])
     new_state = {"step": step, "params": params, "rest": rest, "opt_state": opt_state,
                  "nonfinite_step": nonfinite_step}
+    metrics.update(optim_lib.per_stage_norms(jax.tree.map(lambda g: g / loss_scale, grads), "grad_norm"))
+    metrics.update(optim_lib.per_stage_norms(params, "param_norm"))
+    metrics.update(optim_lib.per_stage_norms(updates, "update_norm"))
     metrics.update(grad_norm=grad_norm, skipped=1.0 - applied.astype(jnp.float32),
                    loss_scale=precision.current_loss_scale(opt_state),
                    skipped_steps=precision.skipped_steps(opt_state).astype(jnp.float32))
@@ -150,14 +153,15 @@ def make_train_step(graphdef, loss_fn: chain_lib.ChainLoss, tx: optax.GradientTr
   return train_step
 
 
-def build_tx(config: ml_collections.ConfigDict, num_updates: int) -> optax.GradientTransformation:
+def build_tx(config: ml_collections.ConfigDict, num_updates: int, steps_per_epoch: int = 0
+             ) -> optax.GradientTransformation:
   """The optimizer of `config.optim` for `num_updates` updates, with loss scaling and accumulation.
 
   The loss-scale wrapper (`config.precision.loss_scale`) sits around the optimizer; with
   `accum_impl="optax"`, `optax.MultiSteps` sits around both, so the accumulated (scaled)
   gradient is unscaled and checked once per update.
   """
-  tx = optim_lib.build_optimizer(config.optim, num_updates)
+  tx = optim_lib.build_optimizer(config.optim, num_updates, chain_lib.stage_names(config), steps_per_epoch)
   tx = precision.build_loss_scale(config.precision.loss_scale, tx)
   if config.optim.accum_impl == "optax" and config.optim.accum_steps > 1:
     tx = optax.MultiSteps(tx, every_k_schedule=config.optim.accum_steps).gradient_transformation()
@@ -262,7 +266,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   model = chain_lib.build_chain(config, task, rngs=nnx.Rngs(config.seed))
   loss_fn = chain_lib.ChainLoss.from_config(config, task.label_specs)
   phase_ends = phase_starts[1:] + (config.total_steps,)
-  txs = [build_tx(config, end - start) for start, end in zip(phase_starts, phase_ends)]
+  steps_per_epoch = getattr(task, "train_size", 0) // config.batch_size
+  txs = [build_tx(config, end - start, steps_per_epoch) for start, end in zip(phase_starts, phase_ends)]
+  lr_schedules = [optim_lib.stage_schedules(config.optim, end - start, chain_lib.stage_names(config),
+                                            steps_per_epoch) for start, end in zip(phase_starts, phase_ends)]
   graphdef, state = init_train_state(model, txs[0])
   del model
   replicated = parallel.replicated(mesh)
@@ -360,7 +367,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         train_summary = metrics_lib.mean_metrics(jax.device_get(train_records))
         elapsed = time.perf_counter() - interval_start
         record = _with_headline(train_summary, "train", len(task.label_specs))
-        record["train/lr"] = _current_lr(config, phase_starts, step)
+        last_update = step - 1 - phase_starts[phase or 0]  # 0-based, within its progressive phase
+        record.update(optim_lib.stage_learning_rates(lr_schedules[phase or 0], last_update, state["opt_state"]))
         if interval_steps:
           record["train/steps_per_sec"] = interval_steps / elapsed
           record["train/examples_per_sec"] = interval_steps * config.batch_size / elapsed
@@ -373,6 +381,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         progress.clear()
         logging.info(metrics_lib.keras_line(step, record))
         final_metrics = {"step": step, **record}
+        if optim_lib.uses_plateau(config.optim):  # reduce-on-plateau: the scale lives in the opt state
+          state["opt_state"] = jax.device_put(
+              optim_lib.report_eval_metric(state["opt_state"], record[config.optim.plateau_metric]), replicated)
         stop = stopper.update(step, record)
         if stop:
           logging.info("Early stopping at step %d: %s has not improved for %d evals (best %.4f at step %d).",
@@ -390,10 +401,3 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   writer.close()
   return final_metrics
 
-
-def _current_lr(config, phase_starts: tuple[int, ...], step: int) -> float:
-  """The learning rate of the last update (within its progressive phase)."""
-  start = max(s for s in phase_starts if s < step) if step else 0
-  ends = phase_starts[1:] + (config.total_steps,)
-  end = ends[phase_starts.index(start)]
-  return float(optim_lib.build_schedule(config.optim, end - start)(step - 1 - start))
