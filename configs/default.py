@@ -41,6 +41,9 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   ]
   config.chain.loss_weights = (1.0, 1.0, 1.0)
 
+  # One all-inherit entry per stage, so `--config.optim.per_stage.<stage>.<field>=...` works.
+  config.optim.per_stage = config_lib.per_stage_optim([s.name for s in config.chain.stages])
+
   config.optim.optimizer = "adam"
   config.optim.learning_rate = 1e-3
   config.optim.schedule = "warmup_cosine"

@@ -5,6 +5,7 @@ import os
 import re
 import shutil
 
+import jax
 import numpy as np
 import pytest
 
@@ -20,7 +21,8 @@ def test_runlocal_parity_every_mode(tmp_path, mode):
   final = train.train_and_evaluate(config, str(tmp_path))
   records = metrics_lib.read_metrics(str(tmp_path))
   assert [r["step"] for r in records] == [10, 20]
-  for key in ("train/loss", "train/steps_per_sec", "train/examples_per_sec", "train/lr", "eval/loss",
+  for key in ("train/loss", "train/steps_per_sec", "train/examples_per_sec", "train/lr/level1", "train/lr/level3",
+              "train/grad_norm/level1", "train/param_norm/level2", "train/update_norm/level3", "eval/loss",
               "eval/accuracy", "eval/stage_1/accuracy", "eval/stage_3/loss"):
     assert np.isfinite(records[-1][key]), key
   assert final["step"] == 20 and final["eval/accuracy"] == records[-1]["eval/accuracy"]
@@ -105,3 +107,33 @@ def test_runlocal_line_parity(tmp_path):
     assert 0.0 <= final[key] <= 1.0 or key.endswith("loss"), key
   # The per-image head already learns in 20 updates of deep supervision; parity needs longer.
   assert final["train/stage_1/loss"] < 0.69
+
+
+def test_per_stage_overrides_from_the_config(tmp_path):
+  """A frozen stage stays bit-identical through the whole loop; another stage's LR is its own."""
+  config = load_config("default", "runlocal", total_steps=20, eval_every=20, checkpoint_every=20,
+                       **{"optim.schedule": "constant"})
+  config.optim.per_stage.level1.frozen = True
+  config.optim.per_stage.level2.learning_rate = 0.01
+  record = train.train_and_evaluate(config, str(tmp_path))
+  assert record["train/lr/level1"] == 0.0 and record["train/lr/level2"] == 0.01
+  assert record["train/lr/level3"] == config.optim.learning_rate
+  assert record["train/update_norm/level1"] == 0.0 and record["train/update_norm/level2"] > 0.0
+  from flax import nnx
+  from chainjax import chain as chain_lib, data as data_lib
+  initial = nnx.to_pure_dict(nnx.state(chain_lib.build_chain(config, data_lib.get_task(config),
+                                                             rngs=nnx.Rngs(config.seed)), nnx.Param))
+  final = final_state(tmp_path)["tree"]["params"]["stages"]
+  got, want = jax.tree.leaves(jax_tree_values(final["level1"])), jax.tree.leaves(initial["stages"]["level1"])
+  assert len(got) == len(want) == 4  # body kernel/bias, head kernel/bias
+  for a, b in zip(got, want):
+    np.testing.assert_array_equal(a, b)
+
+
+def jax_tree_values(tree):
+  """Orbax restores nnx.State leaves as {"value": array}: strip that level."""
+  if isinstance(tree, dict):
+    if set(tree) == {"value"}:
+      return tree["value"]
+    return {k: jax_tree_values(v) for k, v in tree.items()}
+  return tree
