@@ -14,7 +14,11 @@ def load_config(name: str, arg: str = "", **overrides):
   spec = importlib.util.spec_from_file_location(name, os.path.join(REPO, "configs", f"{name}.py"))
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
-  config = module.get_config(arg)
+  return override(module.get_config(arg), **overrides)
+
+
+def override(config, **overrides):
+  """Sets dotted fields, e.g. `override(config, **{"optim.learning_rate": 0.1})`."""
   for key, value in overrides.items():
     node = config
     *path, last = key.split(".")

@@ -13,6 +13,8 @@ from chainjax import data as data_lib
 from chainjax import stages
 from chainjax import train
 
+from helpers import override
+
 
 def parity_config(mode="deep_supervision", d=16, levels=3, **overrides):
   config = config_lib.base_config()
@@ -20,13 +22,7 @@ def parity_config(mode="deep_supervision", d=16, levels=3, **overrides):
   config.chain.mode = mode
   config.chain.stages = [stages.stage_config("mlp", name=f"s{i}", features=32, depth=1) for i in range(levels)]
   config.chain.loss_weights = (0.5, 2.0, 1.0)[:levels]
-  for key, value in overrides.items():
-    node = config
-    *path, last = key.split(".")
-    for part in path:
-      node = node[part]
-    node[last] = value
-  return config
+  return override(config, **overrides)
 
 
 def setup(config, batch_size=32):
