@@ -7,6 +7,11 @@ answer = parity of the k image labels. Stage 1 is a per-image CNN with a per-ima
 head whose k scores are passed on (`pass_to_next="prediction"`); stage 2 is an MLP
 over the k scores. `deep_supervision` gives stage 1 the per-image labels.
 
+Measured on 2 CPU cores (shared with other jobs, 5-9 updates/s), 2026-11-28, held-out
+set of 2048, batch 64, 2000 updates:
+  deep_supervision   eval/accuracy 1.000 from the first eval (step 333) on      ~300 s
+  end_to_end         eval/accuracy 0.481 at step 2000 (chance; per-image 0.492)  ~500 s
+
 Variants (comma-separated key=value): mode=<end_to_end|deep_supervision|decoupled|progressive>,
 k=<images per example>, runlocal (a seconds-long run for tests).
 """
