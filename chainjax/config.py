@@ -89,6 +89,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.optim.b1 = 0.9  # adam, adamw, lamb, lion
   c.optim.b2 = 0.999  # adam, adamw, lamb, lion
   c.optim.eps = 1e-8  # adam, adamw, lamb
+  c.optim.mu_dtype = ""  # first-moment (momentum) dtype: "" = the parameters' dtype, or "bfloat16"
   c.optim.momentum = 0.9  # sgd; 0 = plain SGD
   c.optim.nesterov = False  # sgd
   # Decoupled, on kernels/embeddings only (ndim >= 2): adamw, lamb, lion, sgd (SGDW), adafactor; not adam.
@@ -137,6 +138,7 @@ _CHOICES = {
     "chain.mode": ("end_to_end", "deep_supervision", "decoupled", "progressive"),
     "optim.optimizer": OPTIMIZERS,
     "optim.schedule": SCHEDULES,
+    "optim.mu_dtype": ("", "float32", "bfloat16"),
     "optim.plateau_mode": ("min", "max"),
     "early_stopping.mode": ("max", "min"),
     "optim.accum_impl": ("scan", "optax"),

@@ -196,11 +196,11 @@ def freeze() -> optax.GradientTransformation:
   return optax.GradientTransformation(optax.init_empty_state, update)
 
 
-def _sgd(schedule: optax.Schedule, momentum: float, nesterov: bool, weight_decay: float):
+def _sgd(schedule: optax.Schedule, momentum: float, nesterov: bool, weight_decay: float, mu_dtype=None):
   """SGD with momentum; weight decay is decoupled from the momentum (SGDW) and scaled by the LR."""
   parts = []
   if momentum:
-    parts.append(optax.trace(decay=momentum, nesterov=nesterov))
+    parts.append(optax.trace(decay=momentum, nesterov=nesterov, accumulator_dtype=mu_dtype))
   if weight_decay:
     parts.append(optax.add_decayed_weights(weight_decay, mask=decay_mask))
   parts.append(optax.scale_by_learning_rate(schedule))
@@ -209,22 +209,27 @@ def _sgd(schedule: optax.Schedule, momentum: float, nesterov: bool, weight_decay
 
 def _optimizer(name: str, schedule: optax.Schedule, weight_decay: float,
                optim: ml_collections.ConfigDict) -> optax.GradientTransformation:
+  """One optimizer; `optim.mu_dtype` sets the first moment's dtype where optax supports it
+  (adam, adamw, lion, sgd's momentum, adafactor's momentum; lamb keeps the parameters' dtype)."""
+  mu_dtype = optim.mu_dtype or None
   if name == "adam":
     if weight_decay:
       raise ValueError("config.optim.weight_decay: adam has no weight decay; use adamw")
-    return optax.adam(schedule, b1=optim.b1, b2=optim.b2, eps=optim.eps)
+    return optax.adam(schedule, b1=optim.b1, b2=optim.b2, eps=optim.eps, mu_dtype=mu_dtype)
   if name == "adamw":
     return optax.adamw(schedule, b1=optim.b1, b2=optim.b2, eps=optim.eps, weight_decay=weight_decay,
-                       mask=decay_mask)
+                       mask=decay_mask, mu_dtype=mu_dtype)
   if name == "sgd":
-    return _sgd(schedule, optim.momentum, optim.nesterov, weight_decay)
+    return _sgd(schedule, optim.momentum, optim.nesterov, weight_decay, mu_dtype)
   if name == "lamb":
     return optax.lamb(schedule, b1=optim.b1, b2=optim.b2, eps=optim.eps, weight_decay=weight_decay,
                       mask=decay_mask)
   if name == "lion":
-    return optax.lion(schedule, b1=optim.b1, b2=optim.b2, weight_decay=weight_decay, mask=decay_mask)
+    return optax.lion(schedule, b1=optim.b1, b2=optim.b2, weight_decay=weight_decay, mask=decay_mask,
+                      mu_dtype=mu_dtype)
   if name == "adafactor":  # optax adds adafactor's decay after the LR: the rate is not LR-scaled
-    return optax.adafactor(schedule, weight_decay_rate=weight_decay or None, weight_decay_mask=decay_mask)
+    return optax.adafactor(schedule, weight_decay_rate=weight_decay or None, weight_decay_mask=decay_mask,
+                           dtype_momentum=mu_dtype or jnp.float32)
   raise ValueError(f"config.optim.optimizer: unknown {name!r}; allowed: {', '.join(OPTIMIZERS)}")
 
 

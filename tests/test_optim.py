@@ -378,3 +378,16 @@ def test_valid_per_stage_config_passes_and_builds():
   lrs = optim.stage_learning_rates(optim.stage_schedules(config.optim, config.total_steps,
                                                          chain_lib.stage_names(config)), 20)
   assert lrs["train/lr/level1"] == 0.0 and lrs["train/lr/level3"] == pytest.approx(1e-3)
+
+
+@pytest.mark.parametrize("name", ["adam", "adamw", "lion", "sgd"])
+def test_mu_dtype_sets_the_first_moment_dtype(name):
+  optim_config = config_lib.base_config().optim
+  optim_config.optimizer, optim_config.mu_dtype = name, "bfloat16"
+  params = {"stages": {"s0": {"body": {"w": jnp.ones((4, 4))}}}}
+  tx = optim.build_optimizer(optim_config, 10, ("s0",))
+  state = tx.init(params)
+  dtypes = {leaf.dtype for leaf in jax.tree.leaves(state) if getattr(leaf, "shape", ()) == (4, 4)}
+  assert jnp.dtype(jnp.bfloat16) in dtypes  # mu (or momentum) in bf16
+  updates, _ = tx.update(params, state, params)
+  assert all(u.dtype == jnp.float32 for u in jax.tree.leaves(updates))
