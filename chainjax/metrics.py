@@ -14,6 +14,7 @@ from typing import Mapping
 
 import numpy as np
 from absl import logging
+from etils import epath
 
 
 def keras_line(step: int, metrics: Mapping[str, float], prefix: str | None = None) -> str:
@@ -32,7 +33,7 @@ class MetricWriter:
 
   def __init__(self, workdir: str, *, enabled: bool = True):
     self.enabled = enabled
-    self.path = os.path.join(workdir, "metrics.jsonl")
+    self.path = epath.Path(workdir) / "metrics.jsonl"  # local or gs://
     self._tb = None
     if enabled:
       from tensorboardX import SummaryWriter  # writes event files without TensorFlow
@@ -41,20 +42,19 @@ class MetricWriter:
 
   def truncate_after(self, step: int) -> None:
     """Drops records newer than `step` (written by a run that died before its next checkpoint)."""
-    if not self.enabled or not os.path.exists(self.path):
+    if not self.enabled or not self.path.exists():
       return
-    with open(self.path) as f:
-      records = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= step]
-    tmp = self.path + ".tmp"
-    with open(tmp, "w") as f:
-      f.writelines(records)
-    os.replace(tmp, self.path)
+    records = [line + "\n" for line in self.path.read_text().splitlines()
+               if line.strip() and json.loads(line).get("step", 0) <= step]
+    tmp = self.path.with_name(self.path.name + ".tmp")
+    tmp.write_text("".join(records))
+    tmp.replace(self.path)
 
   def write(self, step: int, metrics: Mapping[str, float]) -> None:
     if not self.enabled:
       return
     record = {"step": int(step), **{k: float(v) for k, v in metrics.items()}}
-    with open(self.path, "a") as f:
+    with self.path.open("a") as f:
       f.write(json.dumps(record) + "\n")
     for key, value in metrics.items():
       self._tb.add_scalar(key, float(value), global_step=int(step))
@@ -66,8 +66,8 @@ class MetricWriter:
 
 def read_metrics(workdir: str) -> list[dict]:
   """All records of `<workdir>/metrics.jsonl`."""
-  with open(os.path.join(workdir, "metrics.jsonl")) as f:
-    return [json.loads(line) for line in f if line.strip()]
+  text = (epath.Path(workdir) / "metrics.jsonl").read_text()
+  return [json.loads(line) for line in text.splitlines() if line.strip()]
 
 
 class ProgressBar:
