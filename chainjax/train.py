@@ -29,6 +29,7 @@ from chainjax import metrics as metrics_lib
 from chainjax import optim as optim_lib
 from chainjax import parallel
 from chainjax import precision
+from chainjax import preemption as preemption_lib
 
 TrainState = dict  # {"step", "params", "rest", "opt_state", "nonfinite_step"}
 
@@ -340,9 +341,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   train_records: list[dict] = []
   interval_start, interval_steps = None, 0
   final_metrics: dict[str, float] = dict(meta.get("final_metrics") or {})
-  stop = False
-  with jax.set_mesh(mesh):
-    while step < config.total_steps and not stop:
+  stop = preempted = False
+  with jax.set_mesh(mesh), preemption_lib.Preemption(step) as preemption:
+    while step < config.total_steps and not (stop or preempted):
       phase = phase_of(step)
       if progressive and phase > 0 and step == phase_starts[phase]:
         state["opt_state"] = jax.jit(txs[phase].init, out_shardings=replicated)(state["params"])
@@ -390,7 +391,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                        step, stopper.metric, stopper.patience, stopper.best, stopper.best_step)
         train_records, interval_start, interval_steps = [], time.perf_counter(), 0
 
-      if step % config.checkpoint_every == 0 or step == config.total_steps or stop:
+      preempted = preemption.should_stop(step) and not (stop or step == config.total_steps)  # same step everywhere
+      if step % config.checkpoint_every == 0 or step == config.total_steps or stop or preempted:
         _check_finite(state)
         finished = stop or step == config.total_steps
         checkpointer.save(step, state, {"early_stopping": stopper.to_json(), "finished": finished,
@@ -399,5 +401,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   checkpointer.wait_until_finished()
   checkpointer.close()
   writer.close()
+  if preempted:
+    raise preemption_lib.PreemptedError(step)
   return final_metrics
 
