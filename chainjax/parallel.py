@@ -8,17 +8,25 @@ gradient all-reduce. No `jax.pmap`.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import jax
 import numpy as np
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
 
-def make_mesh() -> jax.sharding.Mesh:
-  """A (`data`, `model`) mesh over all global devices, model axis of size 1."""
-  return jax.make_mesh((jax.device_count(), 1), ("data", "model"), axis_types=(AxisType.Auto,) * 2)
+def make_mesh(devices: Sequence[jax.Device] | None = None) -> jax.sharding.Mesh:
+  """A (`data`, `model`) mesh, model axis of size 1, over `devices` (default: all global devices).
+
+  A subset of devices (e.g. `jax.devices()[:1]`) gives tests and benchmarks a smaller mesh in
+  the same process; training always uses the default.
+  """
+  count = jax.device_count() if devices is None else len(devices)
+  return jax.make_mesh((count, 1), ("data", "model"), axis_types=(AxisType.Auto,) * 2, devices=devices)
 
 
 def replicated(mesh: jax.sharding.Mesh) -> NamedSharding:
+  """Every device holds the whole array (the train state)."""
   return NamedSharding(mesh, P())
 
 
