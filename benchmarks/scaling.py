@@ -101,9 +101,8 @@ def _fake_cpu_run(num_devices: int) -> dict:
   return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def _print_table(title: str, rows: list[dict]) -> None:
-  base = rows[0]["seconds_per_step"] * rows[0]["devices"] / rows[0]["devices"]
-  print(title)
+def _print_table(rows: list[dict]) -> None:
+  base = rows[0]["seconds_per_step"]
   print(f"{'devices':>7s} {'global batch':>12s} {'ms/step':>9s} {'steps/sec':>10s} {'examples/sec':>13s} "
         f"{'ratio to 1':>10s}")
   for row in rows:
@@ -123,7 +122,7 @@ def main(argv):
     rows = [_fake_cpu_run(int(n)) for n in _COUNTS.value]
     print(f"Fake CPU devices on {os.cpu_count()} cores, one process per count; {settings}.\n"
           "Ratio = steps/sec relative to 1 device (1.00x = no overhead; the cores are shared, so no speed-up).")
-    _print_table("", rows)
+    _print_table(rows)
 
   import jax
 
@@ -133,7 +132,7 @@ def main(argv):
     rows = [measure(n) for n in counts]
     print(f"\n{total} {jax.devices()[0].platform} device(s) ({jax.devices()[0].device_kind}), subset meshes in "
           f"one process; {settings}.\nRatio = steps/sec relative to 1 device (1.00x = perfect weak scaling).")
-    _print_table("", rows)
+    _print_table(rows)
 
 
 if __name__ == "__main__":
