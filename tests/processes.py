@@ -6,6 +6,7 @@ by all the runs of a test session, so that only the first run of a program pays 
 """
 
 import atexit
+import functools
 import os
 import re
 import shutil
@@ -21,12 +22,14 @@ import orbax.checkpoint as ocp
 
 from helpers import REPO, checkpoint_steps
 
-# A short default run: 2 evals, a checkpoint every 10 steps, a progress line every 5.
-ARGS = ("--config=configs/default.py:runlocal", "--config.total_steps=40", "--config.eval_every=20",
-        "--config.checkpoint_every=10", "--config.log_every=5")
+# A short default run: 2 evals and checkpoints, a progress line every 5 steps.
+TOTAL_STEPS = 40
+ARGS = ("--config=configs/default.py:runlocal", f"--config.total_steps={TOTAL_STEPS}", "--config.eval_every=20",
+        "--config.checkpoint_every=20", "--config.log_every=5")
 
-_CACHE_DIR = tempfile.mkdtemp(prefix="chainjax-test-jit-cache-")
-atexit.register(shutil.rmtree, _CACHE_DIR, ignore_errors=True)
+_SESSION_DIR = tempfile.mkdtemp(prefix="chainjax-test-processes-")
+_CACHE_DIR = os.path.join(_SESSION_DIR, "jit-cache")
+atexit.register(shutil.rmtree, _SESSION_DIR, ignore_errors=True)
 
 
 def env(devices: int) -> dict:
@@ -119,6 +122,13 @@ def run(workdir, *extra_args, num_processes: int = 1, devices: int = 1, timeout:
     codes = job.wait(timeout)
     assert codes == [0] * num_processes, f"exit codes {codes}; logs:\n{job.tails()}"
   return job
+
+
+@functools.cache
+def reference(num_processes: int = 1, devices: int = 1) -> Job:
+  """An uninterrupted run of `ARGS`, done once per test session and shared by the tests that compare with it."""
+  return run(os.path.join(_SESSION_DIR, f"reference-{num_processes}x{devices}"), num_processes=num_processes,
+             devices=devices)
 
 
 def read_state(workdir, step: int | None = None) -> tuple[int, dict]:

@@ -24,12 +24,12 @@ def _eval_records(workdir) -> list[dict]:
 
 @pytest.mark.slow
 def test_two_processes_train_like_one_process_with_the_same_devices(tmp_path):
-  one = processes.run(tmp_path / "one", devices=4, timeout=120)
-  two = processes.run(tmp_path / "two", num_processes=2, devices=2, timeout=150)
+  one = processes.run(tmp_path / "one", devices=4)
+  two = processes.reference(num_processes=2, devices=2)
   assert "4 cpu device(s), process 0 of 2" in two.stderr(0)
 
   (step_one, state_one), (step_two, state_two) = processes.read_state(one.workdir), processes.read_state(two.workdir)
-  assert step_one == step_two == 40
+  assert step_one == step_two == processes.TOTAL_STEPS
   for a, b in zip(jax.tree.leaves(state_one["params"]), jax.tree.leaves(state_two["params"]), strict=True):
     np.testing.assert_allclose(a, b, rtol=0, atol=1e-6)
 
