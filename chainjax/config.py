@@ -106,6 +106,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.early_stopping.patience = 3  # evals without improvement before stopping
   c.early_stopping.min_delta = 0.0
 
+  c.mesh = ml_collections.ConfigDict()
+  c.mesh.model = 1  # devices per model replica (the `model` mesh axis); data axis = devices / model
+
   c.precision = ml_collections.ConfigDict()
   c.precision.policy = "float32"  # jmp-style: "params=float32,compute=bfloat16,output=float32"
   c.precision.loss_scale = "none"  # "none" | "static:<value>" | "dynamic[:initial_scale=..,period=..,min_scale=..]"
@@ -144,7 +147,7 @@ _CHOICES = {
     "optim.accum_impl": ("scan", "optax"),
 }
 _POSITIVE = ("batch_size", "eval_batch_size", "total_steps", "eval_every", "checkpoint_every",
-             "log_every", "max_to_keep", "optim.accum_steps", "data.eval_size", "data.d", "data.levels", "data.num_images",
+             "log_every", "max_to_keep", "optim.accum_steps", "mesh.model", "data.eval_size", "data.d", "data.levels", "data.num_images",
              "optim.learning_rate", "optim.eps", "optim.plateau_patience")
 _NON_NEGATIVE = ("seed", "data.seed", "chain.consistency_weight", "optim.warmup_steps",
                  "optim.end_lr_factor", "optim.momentum", "optim.weight_decay", "optim.grad_clip_norm",
@@ -209,6 +212,8 @@ def validate(config: ml_collections.ConfigDict, num_devices: int = 1) -> None:
   if config.batch_size % num_devices:
     raise ConfigError("batch_size", f"{config.batch_size} is not divisible by the {num_devices} devices; "
                       f"use a multiple of {num_devices}")
+  if num_devices % config.mesh.model:
+    raise ConfigError("mesh.model", f"{config.mesh.model} does not divide the {num_devices} devices")
   micro_batch, rest = divmod(config.batch_size, config.optim.accum_steps)
   if rest or micro_batch % num_devices:
     raise ConfigError("optim.accum_steps", f"batch_size={config.batch_size} must split into accum_steps="

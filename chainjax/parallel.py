@@ -1,28 +1,57 @@
 """Mesh, shardings and host-to-device input for data parallelism.
 
 One mesh over every global device with a `data` axis (batches are split along
-it) and a `model` axis of size 1 (left for sharding large stages). The train
-state is replicated; `jax.jit` with these shardings lets XLA insert the
-gradient all-reduce. No `jax.pmap`.
+it) and a `model` axis (`config.mesh.model`, default 1). The train state is
+replicated, except the kernels of stages that ask for it (`shard="model"` in the
+stage config), whose output axis is split along `model`; `jax.jit` with these
+shardings lets XLA insert the gradient all-reduce and the model-parallel
+collectives. No `jax.pmap`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import jax
 import numpy as np
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
 
-def make_mesh(devices: Sequence[jax.Device] | None = None) -> jax.sharding.Mesh:
-  """A (`data`, `model`) mesh, model axis of size 1, over `devices` (default: all global devices).
+def make_mesh(devices: Sequence[jax.Device] | None = None, model: int = 1) -> jax.sharding.Mesh:
+  """A (`data`, `model`) mesh over `devices` (default: all global devices), `model` devices per model replica.
 
   A subset of devices (e.g. `jax.devices()[:1]`) gives tests and benchmarks a smaller mesh in
-  the same process; training always uses the default.
+  the same process; training always uses all devices.
   """
   count = jax.device_count() if devices is None else len(devices)
-  return jax.make_mesh((count, 1), ("data", "model"), axis_types=(AxisType.Auto,) * 2, devices=devices)
+  if count % model:
+    raise ValueError(f"config.mesh.model: {model} does not divide the {count} devices")
+  return jax.make_mesh((count // model, model), ("data", "model"), axis_types=(AxisType.Auto,) * 2,
+                       devices=devices)
+
+
+def param_shardings(params: Any, mesh: jax.sharding.Mesh, shard: Callable[[tuple, jax.Array], bool]) -> Any:
+  """Per-leaf shardings: a leaf with `shard(path, leaf)` and an output axis divisible by the `model`
+  axis is split along `model` on its last axis (a kernel's output features); the rest is replicated."""
+  model = mesh.shape["model"]
+
+  def sharding(path, leaf):
+    if model > 1 and leaf.ndim >= 2 and leaf.shape[-1] % model == 0 and shard(path, leaf):
+      return NamedSharding(mesh, P(*([None] * (leaf.ndim - 1)), "model"))
+    return NamedSharding(mesh, P())
+
+  return jax.tree.map_with_path(sharding, params)
+
+
+def like_params(tree: Any, params: Any, params_shardings: Any, mesh: jax.sharding.Mesh) -> Any:
+  """Shardings for an optimizer state: a leaf shaped like a model-sharded parameter gets its
+  sharding (moments follow their parameters), every other leaf is replicated."""
+  by_shape = {}
+  for leaf, sh in zip(jax.tree.leaves(params), jax.tree.leaves(params_shardings)):
+    if sh.spec != P():
+      by_shape[leaf.shape] = sh
+  return jax.tree.map(lambda x: by_shape.get(getattr(x, "shape", None), NamedSharding(mesh, P())), tree)
 
 
 def replicated(mesh: jax.sharding.Mesh) -> NamedSharding:

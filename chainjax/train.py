@@ -154,6 +154,17 @@ def make_train_step(graphdef, loss_fn: chain_lib.ChainLoss, tx: optax.GradientTr
   return train_step
 
 
+def train_state_shardings(config: ml_collections.ConfigDict, state: TrainState, mesh) -> dict:
+  """Replicated everywhere except the kernels of stages with `shard="model"` (and their moments)."""
+  sharded = {stage.name for stage in config.chain.stages if stage.shard == "model"}
+  params = parallel.param_shardings(state["params"], mesh,
+                                    lambda path, leaf: chain_lib.stage_of_path(path) in sharded)
+  replicated = parallel.replicated(mesh)
+  return {"step": replicated, "params": params, "rest": jax.tree.map(lambda _: replicated, state["rest"]),
+          "opt_state": parallel.like_params(state["opt_state"], state["params"], params, mesh),
+          "nonfinite_step": replicated}
+
+
 def build_tx(config: ml_collections.ConfigDict, num_updates: int, steps_per_epoch: int = 0
              ) -> optax.GradientTransformation:
   """The optimizer of `config.optim` for `num_updates` updates, with loss scaling and accumulation.
@@ -258,7 +269,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   is_main = jax.process_index() == 0
 
   # Mesh and input.
-  mesh = parallel.make_mesh()
+  mesh = parallel.make_mesh(model=config.mesh.model)
   task = data_lib.get_task(config)
   progressive = config.chain.mode == "progressive"
   phase_starts = chain_lib.phase_starts(config) if progressive else (0,)
@@ -274,7 +285,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   graphdef, state = init_train_state(model, txs[0])
   del model
   replicated = parallel.replicated(mesh)
-  state = jax.device_put(state, replicated)
+  state_shardings = train_state_shardings(config, state, mesh)
+  state = jax.device_put(state, state_shardings)
 
   # Workdir, writers, checkpoint restore.
   if is_main:
@@ -310,10 +322,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                               policy=precision.get_policy(config.precision.policy),
                               dynamic_loss_scale=config.precision.loss_scale.startswith("dynamic"))
     if accum_by_optax:  # one call per micro-batch: (state, micro_batch, denominator, micro_step)
-      return jax.jit(step_fn, in_shardings=(replicated, batch_sharding, replicated, replicated),
-                     out_shardings=(replicated, replicated), donate_argnums=0)
-    return jax.jit(lambda state, batch: step_fn(state, batch), in_shardings=(replicated, batch_sharding),
-                   out_shardings=(replicated, replicated), donate_argnums=0)
+      return jax.jit(step_fn, in_shardings=(state_shardings, batch_sharding, replicated, replicated),
+                     out_shardings=(state_shardings, replicated), donate_argnums=0)
+    return jax.jit(lambda state, batch: step_fn(state, batch), in_shardings=(state_shardings, batch_sharding),
+                   out_shardings=(state_shardings, replicated), donate_argnums=0)
 
   def run_update(train_step, state: TrainState, step: int) -> tuple[TrainState, list[dict]]:
     """One optimizer update on the global batch of `step` (accum_impl="optax": one call per micro-batch)."""
@@ -346,7 +358,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     while step < config.total_steps and not (stop or preempted):
       phase = phase_of(step)
       if progressive and phase > 0 and step == phase_starts[phase]:
-        state["opt_state"] = jax.jit(txs[phase].init, out_shardings=replicated)(state["params"])
+        state["opt_state"] = jax.jit(txs[phase].init, out_shardings=state_shardings["opt_state"])(
+            state["params"])
       if phase not in train_steps:
         train_steps[phase] = jit_train_step(phase)
       state, step_records = run_update(train_steps[phase], state, step)
@@ -376,7 +389,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         if phase not in eval_steps:
           eval_steps[phase] = jax.jit(make_eval_step(graphdef, loss_fn, phase,
                                                      precision.get_policy(config.precision.policy)),
-                                      in_shardings=(replicated, parallel.batch_sharding(mesh)))
+                                      in_shardings=(state_shardings, parallel.batch_sharding(mesh)))
         record.update(evaluate(eval_steps[phase], state, task, config, mesh))
         writer.write(step, record)
         progress.clear()
@@ -384,7 +397,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         final_metrics = {"step": step, **record}
         if optim_lib.uses_plateau(config.optim):  # reduce-on-plateau: the scale lives in the opt state
           state["opt_state"] = jax.device_put(
-              optim_lib.report_eval_metric(state["opt_state"], record[config.optim.plateau_metric]), replicated)
+              optim_lib.report_eval_metric(state["opt_state"], record[config.optim.plateau_metric]),
+              state_shardings["opt_state"])
         stop = stopper.update(step, record)
         if stop:
           logging.info("Early stopping at step %d: %s has not improved for %d evals (best %.4f at step %d).",

@@ -49,9 +49,12 @@ _COMMON_DEFAULTS = {
     # Kernel init of every Dense/Conv/Embedding/attention kernel of the stage and its
     # head, by name (`init.INITS`); "default" = each Flax module's own default.
     "init": "default",
+    # "model": split the stage's kernels along the mesh's `model` axis (config.mesh.model > 1).
+    "shard": "replicated",
     "head": {"enabled": True, "pool": "flatten", "hidden": 0},
 }
 _COMMON_CHOICES = {
+    "shard": ("replicated", "model"),
     "loss": ("",) + LOSSES, "pass_to_next": PASS_TO_NEXT, "init": init_lib.INITS, "head.pool": head.POOLS,
 }
 
