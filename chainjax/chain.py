@@ -28,6 +28,7 @@ import ml_collections
 import optax
 from flax import nnx
 
+from chainjax import metrics as metrics_lib
 from chainjax import stages as stages_lib
 from chainjax.config import ConfigError
 from chainjax.data.base import LabelSpec
@@ -222,7 +223,9 @@ class ChainLoss:
     """Returns (L, metrics); masked means divide by `denominator` (default: sum of `mask`).
 
     `metrics` holds `stage_<i>/loss` and `stage_<i>/accuracy` for every stage with a head
-    (1-based, as in the papers) and `consistency` when that term is on.
+    (1-based, as in the papers), `stage_<i>/auc_counts` for a head with one binary label
+    (see `metrics.auc_counts`; not divided by `denominator`) and `consistency` when that
+    term is on.
     """
     mask = mask.astype(jnp.float32)
     denominator = jnp.maximum(mask.sum(), 1.0) if denominator is None else denominator
@@ -236,6 +239,8 @@ class ChainLoss:
       loss_i = masked_mean(per_example_loss(self.losses[i], y, label))
       metrics[f"stage_{i + 1}/loss"] = loss_i
       metrics[f"stage_{i + 1}/accuracy"] = masked_mean(per_example_correct(spec, y, label))
+      if spec.is_binary and spec.shape == ():  # one binary label per example: ROC AUC is defined
+        metrics[f"stage_{i + 1}/{metrics_lib.AUC_COUNTS}"] = metrics_lib.auc_counts(y, label, mask)
       if weights[i]:
         total = total + weights[i] * loss_i
     if self.consistency_weight and self.mode != "progressive":

@@ -10,6 +10,8 @@ these files exist once Orbax has committed it (checked on orbax-checkpoint
         _METADATA, manifest.ocdbt, d/<data files>, commit_success.txt
     <step>/metadata/             the small JSON dict (JsonCheckpointHandler):
         metadata, commit_success.txt
+    <step>/data/                 the input iterator's position (Grain's
+        CheckpointHandler): process_<i>-of-<n>.json, one per process
 
 Why verify: on a local filesystem Orbax counts *any* folder whose name is a step
 number as a finished checkpoint (it only checks that the name has no
@@ -58,10 +60,12 @@ from etils import epath
 import jax
 from jax.experimental import multihost_utils
 import numpy as np
+import grain
 import orbax.checkpoint as ocp
 
 _STATE = "state"  # item name of the pytree
 _METADATA = "metadata"  # item name of the JSON dict
+_DATA = "data"  # item name of the input iterator state (Grain's handler, one file per process)
 _COMMIT_MARKER = "commit_success.txt"
 _STEP_METADATA_FILE = "_CHECKPOINT_METADATA"
 # Files each item has once Orbax has committed it (orbax-checkpoint 0.12).
@@ -91,6 +95,7 @@ class Checkpointer:
     registry = ocp.handlers.create_default_handler_registry(**{
         _STATE: ocp.handlers.StandardCheckpointHandler(),
         _METADATA: ocp.handlers.JsonCheckpointHandler(),
+        _DATA: grain.checkpoint.CheckpointHandler(),
     })
     self._manager = ocp.CheckpointManager(
         self._directory,
@@ -106,8 +111,11 @@ class Checkpointer:
     return self._directory
 
   def save(self, step: int, state, metadata: dict | None = None, *,
-           force: bool = False) -> None:
+           data_state: dict | None = None, force: bool = False) -> None:
     """Starts an async save of `state` (pytree of arrays) and `metadata` (JSON).
+
+    `data_state` is this process's input iterator state (`get_state()` of a
+    Grain iterator); it is captured now and written with Grain's handler.
 
     Returns once the arrays are copied off the devices; the write continues in
     the background (`wait_until_finished()` blocks on it). Orbax skips a step
@@ -116,14 +124,13 @@ class Checkpointer:
     """
     metadata = dict(metadata or {})
     json.dumps(metadata)  # fail here, not in the background thread
-    saved = self._manager.save(
-        step,
-        args=ocp.args.Composite(**{
-            _STATE: ocp.args.StandardSave(state),
-            _METADATA: ocp.args.JsonSave(metadata),
-        }),
-        force=force,
-    )
+    items = {
+        _STATE: ocp.args.StandardSave(state),
+        _METADATA: ocp.args.JsonSave(metadata),
+    }
+    if data_state is not None:
+      items[_DATA] = grain.checkpoint.CheckpointSave(_IteratorState(data_state))
+    saved = self._manager.save(step, args=ocp.args.Composite(**items), force=force)
     if not saved:
       logging.warning(
           "Checkpoint at step %d not saved: Orbax saves only steps newer than "
@@ -188,6 +195,23 @@ class Checkpointer:
       self._set_aside({step: _failure("restore failed", error)})
     return None
 
+  def restore_data_state(self, step: int) -> dict | None:
+    """This process's input iterator state saved at `step`, or None if that step has none.
+
+    None also when the step was saved by a different number of processes (each
+    process saves its own file): the caller then positions its input by step.
+    """
+    self.wait_until_finished()
+    if not (self._step_dir(step) / _DATA).exists():
+      return None
+    state = _IteratorState()
+    try:
+      self._manager.restore(step, args=ocp.args.Composite(**{_DATA: grain.checkpoint.CheckpointRestore(state)}))
+    except ValueError as e:
+      logging.warning("Checkpoint %s has no input state for this process (%s).", self._step_dir(step), e)
+      return None
+    return state.state
+
   def wait_until_finished(self) -> None:
     """Blocks until the save in progress (if any) has committed."""
     self._manager.wait_until_finished()
@@ -230,6 +254,28 @@ class Checkpointer:
     ocp.multihost.sync_global_processes(
         f"chainjax_checkpoint_set_aside_{self._sync_count}")
     self._manager.reload()
+
+
+class _IteratorState:
+  """A frozen iterator state that Grain's checkpoint handler saves and restores.
+
+  Grain's handler calls `get_state()` when Orbax runs the save; handing it the
+  live iterator could record a later position, so the state is copied at
+  `Checkpointer.save` time. (The handler treats non-`DatasetIterator` items as
+  bytes-state iterators: JSON bytes here.)
+  """
+
+  def __init__(self, state: dict | None = None):
+    self.state = None if state is None else json.loads(json.dumps(state))
+
+  def get_state(self) -> bytes:
+    return json.dumps(self.state).encode()
+
+  def set_state(self, state: bytes) -> None:
+    self.state = json.loads(state)
+
+  def start_prefetch(self) -> None:
+    pass
 
 
 def _incomplete_reason(step_dir: epath.Path) -> str | None:

@@ -48,7 +48,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.seed = 0  # init, dropout and the training stream
   c.batch_size = 256  # global, across all devices and hosts
   c.eval_batch_size = 1024
-  c.total_steps = 1000  # optimizer updates
+  c.total_steps = 1000  # optimizer updates; with num_epochs > 0 a cap (0 = no cap)
+  c.num_epochs = 0  # > 0: train for this many epochs of the training split (eval + Keras line per epoch)
   c.eval_every = 200
   c.checkpoint_every = 500
   c.log_every = 50
@@ -61,6 +62,16 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.d = 32  # parity: number of input bits
   c.data.levels = 3  # parity: XOR-tree depth; subset size 2**levels; one stage per level
   c.data.num_images = 3  # line_parity: images per example
+  # TFDS datasets (any other name): read with tfds.data_source from data_dir, through Grain.
+  c.data.data_dir = ""  # "" = the TFDS default (~/tensorflow_datasets or $TFDS_DATA_DIR); gs:// works
+  c.data.split_train = "train"
+  c.data.split_eval = "test"  # evaluated every eval_every updates (or every epoch)
+  c.data.split_test = ""  # evaluated once at the end, logged as test/...; "" = none
+  c.data.num_threads = 4  # Grain read threads per process
+  c.data.prefetch = 8  # Grain prefetch buffer (elements)
+  # Text datasets (imdb_reviews, glue/sst2, synthetic_sentiment).
+  c.data.vocab_size = 20000  # top-N words of the training split, plus padding (0) and OOV (1)
+  c.data.max_len = 256  # tokens per example, padded or truncated
 
   c.chain = ml_collections.ConfigDict()
   c.chain.mode = "deep_supervision"
@@ -155,6 +166,14 @@ _NON_NEGATIVE = ("seed", "data.seed", "chain.consistency_weight", "optim.warmup_
                  "early_stopping.patience", "early_stopping.min_delta")
 
 
+def num_updates(config: ml_collections.ConfigDict, train_size: int = 0) -> int:
+  """Optimizer updates of a run: `total_steps`, or `num_epochs` epochs capped at `total_steps` (0 = no cap)."""
+  if config.num_epochs <= 0:
+    return config.total_steps
+  total = config.num_epochs * (train_size // config.batch_size)
+  return min(total, config.total_steps) if config.total_steps > 0 else total
+
+
 def _type_name(value) -> str:
   return type(value).__name__
 
@@ -193,8 +212,13 @@ def _get(config, field: str):
   return config
 
 
-def validate(config: ml_collections.ConfigDict, num_devices: int = 1) -> None:
-  """Raises `ConfigError` for the first bad field; builds nothing that compiles."""
+def validate(config: ml_collections.ConfigDict, num_devices: int = 1, workdir: str | None = None):
+  """Raises `ConfigError` for the first bad field; builds nothing that compiles.
+
+  Opens the data (a TFDS dataset is opened, not read through) and returns the task,
+  so that data errors surface here, before training starts. `workdir` is passed to
+  the task (a text vocabulary lives there).
+  """
   from chainjax import chain as chain_lib
   from chainjax import data as data_lib
   from chainjax import stages as stages_lib
@@ -203,7 +227,13 @@ def validate(config: ml_collections.ConfigDict, num_devices: int = 1) -> None:
   for field, allowed in _CHOICES.items():
     if _get(config, field) not in allowed:
       raise ConfigError(field, f"{_get(config, field)!r} is not one of: {', '.join(allowed)}")
+  if config.num_epochs < 0:
+    raise ConfigError("num_epochs", f"must be >= 0, got {config.num_epochs!r}")
   for field in _POSITIVE:
+    if field == "total_steps" and config.num_epochs > 0:  # a cap, 0 = none
+      if config.total_steps < 0:
+        raise ConfigError(field, f"must be >= 0 (0 = no cap on num_epochs), got {config.total_steps!r}")
+      continue
     if not _get(config, field) > 0:
       raise ConfigError(field, f"must be > 0, got {_get(config, field)!r}")
   for field in _NON_NEGATIVE:
@@ -232,14 +262,25 @@ def validate(config: ml_collections.ConfigDict, num_devices: int = 1) -> None:
   metric = config.early_stopping.metric
   if metric and not metric.startswith("eval/"):
     raise ConfigError("early_stopping.metric", f"{metric!r} must name an eval metric, e.g. 'eval/accuracy'")
-  if config.data.name not in data_lib.TASKS:
-    raise ConfigError("data.name", f"{config.data.name!r} is not one of: {', '.join(data_lib.TASKS)}")
+  if not config.data.name:
+    raise ConfigError("data.name", f"is empty; name a synthetic task ({', '.join(data_lib.TASKS)}) or a "
+                      "TFDS dataset")
   try:
-    task = data_lib.get_task(config)
+    task = data_lib.get_task(config, workdir)
+  except ConfigError:
+    raise
   except ValueError as e:
     raise ConfigError("data", str(e)) from None
+  train_size = getattr(task, "train_size", 0)
+  if train_size and config.batch_size > train_size:
+    raise ConfigError("batch_size", f"{config.batch_size} is larger than the {train_size} training examples of "
+                      f"{task.name} (split {config.data.split_train!r})")
+  if config.num_epochs and not getattr(task, "train_size", 0):
+    raise ConfigError("num_epochs", f"the {task.name} task is an endless stream with no epochs; set "
+                      "total_steps instead")
   _validate_chain(config, task, stages_lib, chain_lib)
   _validate_optim(config, task)
+  return task
 
 
 def _validate_chain(config, task, stages_lib, chain_lib) -> None:
@@ -275,8 +316,11 @@ def _validate_chain(config, task, stages_lib, chain_lib) -> None:
       raise ConfigError("chain.phase_steps", f"needs one budget per stage ({len(stages)}) summing to "
                         f"total_steps={config.total_steps}, got {phases}")
   metric = config.early_stopping.metric
-  known = ["eval/loss", "eval/accuracy"] + [f"eval/stage_{i + 1}/{m}" for i, s in enumerate(stages)
-                                            if s.head.enabled for m in ("loss", "accuracy")]
+  auc = [s.head.enabled and spec.is_binary and spec.shape == () for s, spec in zip(stages, specs)]
+  known = ["eval/loss", "eval/accuracy"] + (["eval/auc"] if auc[-1] else [])
+  for i, stage in enumerate(stages):
+    if stage.head.enabled:
+      known += [f"eval/stage_{i + 1}/{m}" for m in ("loss", "accuracy") + (("auc",) if auc[i] else ())]
   if metric and metric not in known:
     raise ConfigError("early_stopping.metric", f"{metric!r} is not an eval metric of this chain; "
                       f"allowed: {', '.join(known)}")
@@ -287,7 +331,14 @@ def _validate_chain(config, task, stages_lib, chain_lib) -> None:
                           "own head: enable it")
   # Shapes: build the chain abstractly (no parameters allocated, nothing compiled).
   from flax import nnx
-  nnx.eval_shape(lambda: chain_lib.build_chain(config, task, rngs=nnx.Rngs(0)))
+  try:
+    nnx.eval_shape(lambda: chain_lib.build_chain(config, task, rngs=nnx.Rngs(0)))
+  except ConfigError:
+    raise
+  except (ValueError, TypeError) as e:
+    detail = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    raise ConfigError("chain.stages", f"do not fit the {task.name} input (shape {tuple(task.input_shape)}, "
+                      f"{task.input_dtype}): {detail}") from None
 
 
 
@@ -353,8 +404,9 @@ def _validate_optim(config, task) -> None:
           f"{where}.optimizer" if entry and entry.get("optimizer", "") else "optim.weight_decay")
       raise ConfigError(field, f"adam has no weight decay (stage {name!r}); use adamw, lamb, lion, sgd or "
                         "adafactor, or weight_decay=0")
-    if schedule in ("warmup_cosine", "warmup_linear") and optim.warmup_steps >= config.total_steps:
-      raise ConfigError("optim.warmup_steps", f"must be < total_steps={config.total_steps} for {schedule}")
+    total = num_updates(config, getattr(task, "train_size", 0))
+    if schedule in ("warmup_cosine", "warmup_linear") and optim.warmup_steps >= total:
+      raise ConfigError("optim.warmup_steps", f"must be < the {total} updates of this run for {schedule}")
     if schedule == "exponential_per_epoch" and optim.steps_per_epoch == 0 and not getattr(task, "train_size", 0):
       raise ConfigError("optim.steps_per_epoch", f"exponential_per_epoch needs the epoch length and the "
                         f"{task.name} task has no epochs (an endless stream): set it > 0")

@@ -144,14 +144,12 @@ def main(argv: list[str]) -> None:
   if jax.process_index() != 0:  # only process 0 logs
     logging.set_verbosity(logging.WARNING)
   config = _CONFIG.value
-  try:
-    config_lib.validate(config, jax.device_count())
-  except config_lib.ConfigError as e:
-    _fail(str(e), EXIT_BAD_CONFIG)
   logging.info("JAX %s on %d %s device(s), process %d of %d.", jax.__version__, jax.device_count(),
                jax.devices()[0].platform, jax.process_index(), jax.process_count())
   try:
-    final = train.train_and_evaluate(config, _WORKDIR.value)
+    final = train.train_and_evaluate(config, _WORKDIR.value)  # validates config and data first
+  except config_lib.ConfigError as e:
+    _fail(str(e), EXIT_BAD_CONFIG)
   except train.NonFiniteLossError as e:
     _fail(str(e), EXIT_NONFINITE)
   except preemption.PreemptedError as e:

@@ -28,6 +28,20 @@ def keras_line(step: int, metrics: Mapping[str, float], prefix: str | None = Non
   return " - ".join(parts)
 
 
+def epoch_line(epoch: int, num_epochs: int, seconds: float, metrics: Mapping[str, float]) -> str:
+  """Keras' per-epoch line: `Epoch 3/20 - 12s - loss: 0.3300 - auc: 0.8500 - val_loss: ... - val_auc: ...`.
+
+  Shows AUC when the run has one (binary last stage), accuracy otherwise.
+  """
+  metric = "auc" if "eval/auc" in metrics or "train/auc" in metrics else "accuracy"
+  parts = [f"Epoch {epoch}/{num_epochs}", f"{seconds:.0f}s"]
+  for prefix, name in (("train/", ""), ("eval/", "val_")):
+    for key in ("loss", metric):
+      if prefix + key in metrics:
+        parts.append(f"{name}{key}: {metrics[prefix + key]:.4f}")
+  return " - ".join(parts)
+
+
 class MetricWriter:
   """Appends one JSON object per call to `<workdir>/metrics.jsonl` and writes TensorBoard scalars."""
 
@@ -108,8 +122,82 @@ STATE_METRICS = ("loss_scale", "skipped_steps")  # values of the train state: su
 
 
 def mean_metrics(records: list[Mapping[str, np.ndarray]]) -> dict[str, float]:
-  """Mean of each key over a list of per-step metric dicts (fetched from device); last value of state metrics."""
+  """Mean of each key over a list of per-step metric dicts (fetched from device); last value of state metrics.
+
+  `<stage>/auc_counts` (per-step threshold counts, see `auc_counts`) become `<stage>/auc` of the whole interval.
+  """
   if not records:
     return {}
-  return {k: float(records[-1][k] if k in STATE_METRICS else np.mean([r[k] for r in records]))
-          for k in records[0]}
+  out = {}
+  for k in records[0]:
+    if k.endswith(AUC_COUNTS):
+      out[k[: -len(AUC_COUNTS)] + "auc"] = auc_from_counts(np.sum([r[k] for r in records], axis=0))
+    else:
+      out[k] = float(records[-1][k] if k in STATE_METRICS else np.mean([r[k] for r in records]))
+  return out
+
+
+# --------------------------------------------------------------------------------------------
+# ROC AUC.
+# --------------------------------------------------------------------------------------------
+
+AUC_COUNTS = "auc_counts"  # metric-name suffix of threshold counts
+AUC_THRESHOLDS = 200  # as Keras' `AUC()` default
+
+
+def roc_auc(scores: np.ndarray, labels: np.ndarray, mask: np.ndarray | None = None) -> float:
+  """Exact ROC AUC over every example with `mask` > 0: the Mann-Whitney U statistic.
+
+  AUC = P(score of a random positive > score of a random negative) + 0.5 P(tie),
+  computed from average ranks (ties share their mean rank), in O(n log n). NaN when
+  one class is absent. `scores` may be logits or probabilities (only ranks count).
+  """
+  scores, labels = np.asarray(scores, np.float64).ravel(), np.asarray(labels).ravel() > 0.5
+  if mask is not None:
+    keep = np.asarray(mask).ravel() > 0
+    scores, labels = scores[keep], labels[keep]
+  num_pos, num_neg = int(labels.sum()), int((~labels).sum())
+  if num_pos == 0 or num_neg == 0:
+    return float("nan")
+  order = np.argsort(scores, kind="mergesort")
+  sorted_scores = scores[order]
+  ranks = np.empty(len(scores), np.float64)
+  # Average rank (1-based) of each run of equal scores.
+  starts = np.flatnonzero(np.r_[True, sorted_scores[1:] != sorted_scores[:-1]])
+  ends = np.r_[starts[1:], len(scores)]
+  ranks[order] = np.repeat((starts + ends + 1) / 2.0, ends - starts)
+  u = ranks[labels].sum() - num_pos * (num_pos + 1) / 2.0
+  return float(u / (num_pos * num_neg))
+
+
+def auc_counts(logits, labels, mask):
+  """Per-batch counts for a thresholded ROC AUC (jnp; summed over steps): [2, AUC_THRESHOLDS + 1].
+
+  Row 0 counts true positives, row 1 false positives, at probability thresholds
+  evenly spaced in [0, 1] (the last column holds the positive and negative totals).
+  Used for the training AUC of a Keras-like log line, which Keras also computes with
+  200 thresholds; the eval AUC is exact (`roc_auc`).
+  """
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+
+  probs = jax.nn.sigmoid(logits.astype(jnp.float32)).reshape(-1)
+  positive = (labels.reshape(-1) > 0.5).astype(jnp.float32) * mask
+  negative = (labels.reshape(-1) <= 0.5).astype(jnp.float32) * mask
+  eps = 1e-7
+  thresholds = jnp.concatenate([jnp.array([-eps]), jnp.linspace(0.0, 1.0, AUC_THRESHOLDS)[1:-1],
+                                jnp.array([1.0 + eps])])
+  above = (probs[None, :] > thresholds[:, None]).astype(jnp.float32)
+  tp = jnp.append(above @ positive, positive.sum())
+  fp = jnp.append(above @ negative, negative.sum())
+  return jnp.stack([tp, fp])
+
+
+def auc_from_counts(counts: np.ndarray) -> float:
+  """ROC AUC (trapezoid rule) of summed `auc_counts`; NaN when one class is absent."""
+  counts = np.asarray(counts, np.float64)
+  tp, fp, num_pos, num_neg = counts[0, :-1], counts[1, :-1], counts[0, -1], counts[1, -1]
+  if num_pos == 0 or num_neg == 0:
+    return float("nan")
+  tpr, fpr = tp / num_pos, fp / num_neg
+  return float(np.sum((fpr[:-1] - fpr[1:]) * (tpr[:-1] + tpr[1:]) / 2.0))

@@ -64,6 +64,14 @@ def batch_sharding(mesh: jax.sharding.Mesh) -> NamedSharding:
   return NamedSharding(mesh, P("data"))
 
 
+def put_local_batch(local_batch, mesh: jax.sharding.Mesh, global_batch_size: int):
+  """This process's rows of a global batch (numpy) -> global jax arrays sharded along `data`."""
+  sharding = batch_sharding(mesh)
+  return jax.tree.map(
+      lambda x: jax.make_array_from_process_local_data(sharding, x, (global_batch_size,) + x.shape[1:]),
+      local_batch)
+
+
 def process_slice(global_batch_size: int) -> slice:
   """The rows of a global batch that this process feeds."""
   per_process = global_batch_size // jax.process_count()

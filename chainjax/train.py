@@ -31,6 +31,7 @@ from chainjax import optim as optim_lib
 from chainjax import parallel
 from chainjax import precision
 from chainjax import preemption as preemption_lib
+from jax.experimental import multihost_utils
 
 TrainState = dict  # {"step", "params", "rest", "opt_state", "nonfinite_step"}
 
@@ -183,37 +184,66 @@ def build_tx(config: ml_collections.ConfigDict, num_updates: int, steps_per_epoc
 
 def make_eval_step(graphdef, loss_fn: chain_lib.ChainLoss, phase: int | None = None,
                    policy: precision.Policy | None = None):
-  """Sums over one padded eval batch: chain loss, per-stage loss and accuracy, example count."""
+  """One padded eval batch -> (sums, scores).
+
+  `sums`: chain loss, per-stage loss and accuracy summed over real examples, and their
+  count. `scores`: per stage with one binary label, its logits, labels and mask, for the
+  exact ROC AUC over the whole held-out set.
+  """
   policy = policy or precision.get_policy("float32")
 
-  def eval_step(state: TrainState, batch) -> dict:
+  def eval_step(state: TrainState, batch) -> tuple[dict, dict]:
     model = nnx.merge(graphdef, policy.cast_to_compute(state["params"]), state["rest"])
     output = model(policy.cast_to_compute(batch["inputs"]), mode=loss_fn.mode, train=False, phase=phase)
     loss, metrics = loss_fn(output, batch["labels"], batch["mask"], phase=phase,
                             denominator=jnp.ones((), jnp.float32))
-    return {"loss": loss, "count": batch["mask"].sum(), **metrics}
+    metrics = {k: v for k, v in metrics.items() if not k.endswith(metrics_lib.AUC_COUNTS)}
+    scores = {}
+    for i, (y, label, spec) in enumerate(zip(output.predictions, batch["labels"], loss_fn.specs)):
+      if y is not None and spec.is_binary and spec.shape == ():
+        scores[f"stage_{i + 1}"] = (y.astype(jnp.float32).reshape(-1), label, batch["mask"])
+    return {"loss": loss, "count": batch["mask"].sum(), **metrics}, scores
 
   return eval_step
 
 
 def _with_headline(metrics: dict[str, float], prefix: str, num_stages: int) -> dict[str, float]:
-  """Prefixes keys and adds `<prefix>/accuracy` = the last stage's accuracy."""
+  """Prefixes keys and adds `<prefix>/accuracy` (and `/auc`) = the last stage's."""
   out = {f"{prefix}/{k}": v for k, v in metrics.items()}
-  last = f"{prefix}/stage_{num_stages}/accuracy"
-  if last in out:
-    out[f"{prefix}/accuracy"] = out[last]
+  for name in ("accuracy", "auc"):
+    last = f"{prefix}/stage_{num_stages}/{name}"
+    if last in out:
+      out[f"{prefix}/{name}"] = out[last]
   return out
 
 
-def evaluate(eval_step, state: TrainState, task, config, mesh) -> dict[str, float]:
-  """Metrics over the whole held-out set (padding masked out): `eval/loss`, `eval/stage_<i>/...`."""
-  sums = None
-  for batch in task.eval_batches(config.eval_batch_size):
-    out = eval_step(state, parallel.put_batch(batch, mesh))
+def _host_array(x: jax.Array) -> np.ndarray:
+  """A global array's value on every process (gathered when it spans processes)."""
+  if jax.process_count() > 1:
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+  return np.asarray(jax.device_get(x))
+
+
+def evaluate(eval_step, state: TrainState, batches, mesh, batch_size: int, num_stages: int,
+             prefix: str = "eval") -> dict[str, float]:
+  """Metrics over a whole held-out set of process-local padded `batches` (padding masked out).
+
+  `<prefix>/loss`, `<prefix>/stage_<i>/{loss,accuracy}`, and the exact ROC AUC
+  `<prefix>/stage_<i>/auc` of every stage with one binary label.
+  """
+  sums, scores = None, {}
+  for batch in batches:
+    out, batch_scores = eval_step(state, parallel.put_local_batch(batch, mesh, batch_size))
     sums = out if sums is None else jax.tree.map(jnp.add, sums, out)
+    for name, arrays in batch_scores.items():
+      scores.setdefault(name, []).append(arrays)
   sums = jax.device_get(sums)
   count = float(sums.pop("count"))
-  return _with_headline({k: float(v) / count for k, v in sums.items()}, "eval", len(task.label_specs))
+  metrics = {k: float(v) / count for k, v in sums.items()}
+  for name, parts in scores.items():
+    logits, labels, mask = (np.concatenate([_host_array(p[j]) for p in parts]) for j in range(3))
+    metrics[f"{name}/auc"] = metrics_lib.roc_auc(logits, labels, mask)
+  return _with_headline(metrics, prefix, num_stages)
 
 
 # --------------------------------------------------------------------------------------------
@@ -257,6 +287,20 @@ class EarlyStopping:
 # --------------------------------------------------------------------------------------------
 
 
+def _restore_input_position(train_iter, checkpointer: checkpoint_lib.Checkpointer, step: int) -> None:
+  """Moves the training input to where the checkpoint of `step` left it.
+
+  Normally from the iterator state saved with the checkpoint. A checkpoint without
+  one for this process (older runs, a different process count) positions the input
+  by step, which is exact too: every pipeline's order is a function of the step.
+  """
+  saved = checkpointer.restore_data_state(step)
+  if saved is None:
+    logging.info("No input state saved for this process at step %d; positioning the input by step.", step)
+    saved = data_lib.base.iterator_state_at(train_iter, step)
+  train_iter.set_state(saved)
+
+
 def _check_finite(state: TrainState) -> None:
   bad = int(jax.device_get(state["nonfinite_step"]))
   if bad >= 0:
@@ -264,14 +308,32 @@ def _check_finite(state: TrainState) -> None:
                              "without checkpointing it (lower optim.learning_rate or set optim.grad_clip_norm)")
 
 
+def _resolve_epochs(config: ml_collections.ConfigDict, task) -> tuple[ml_collections.ConfigDict, int]:
+  """(config with `total_steps` in updates, steps per epoch); epoch runs eval and checkpoint every epoch."""
+  steps_per_epoch = getattr(task, "train_size", 0) // config.batch_size
+  if config.num_epochs <= 0:
+    return config, steps_per_epoch
+  config = ml_collections.ConfigDict(config.to_dict())
+  config.total_steps = config_lib.num_updates(config, task.train_size)
+  config.eval_every = steps_per_epoch
+  config.checkpoint_every = min(config.checkpoint_every, steps_per_epoch)
+  config.log_every = min(config.log_every, steps_per_epoch)
+  return config, steps_per_epoch
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
-  """Trains `config` in `workdir` (resuming from its latest good checkpoint); returns final metrics."""
-  config_lib.validate(config, jax.device_count())
+  """Trains `config` in `workdir` (resuming from its latest good checkpoint); returns final metrics.
+
+  Raises `config.ConfigError` (before anything is written) for a bad config or dataset.
+  """
+  task = config_lib.validate(config, jax.device_count(), workdir=workdir)
+  config, steps_per_epoch = _resolve_epochs(config, task)
   is_main = jax.process_index() == 0
 
   # Mesh and input.
   mesh = parallel.make_mesh(model=config.mesh.model)
-  task = data_lib.get_task(config)
+  shard = data_lib.Shard.of_this_process()
+  train_iter = task.train_iterator(config.batch_size, shard)
   progressive = config.chain.mode == "progressive"
   phase_starts = chain_lib.phase_starts(config) if progressive else (0,)
 
@@ -279,7 +341,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   model = chain_lib.build_chain(config, task, rngs=nnx.Rngs(config.seed))
   loss_fn = chain_lib.ChainLoss.from_config(config, task.label_specs)
   phase_ends = phase_starts[1:] + (config.total_steps,)
-  steps_per_epoch = getattr(task, "train_size", 0) // config.batch_size
   txs = [build_tx(config, end - start, steps_per_epoch) for start, end in zip(phase_starts, phase_ends)]
   lr_schedules = [optim_lib.stage_schedules(config.optim, end - start, chain_lib.stage_names(config),
                                             steps_per_epoch) for start, end in zip(phase_starts, phase_ends)]
@@ -308,6 +369,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       writer.close()
       return meta["final_metrics"]
     writer.truncate_after(restored_step)
+    _restore_input_position(train_iter, checkpointer, restored_step)
   stopper = EarlyStopping(config.early_stopping.metric, config.early_stopping.mode,
                           config.early_stopping.patience, config.early_stopping.min_delta,
                           **meta.get("early_stopping", {}))
@@ -327,17 +389,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     return jax.jit(lambda state, batch: step_fn(state, batch), in_shardings=(state_shardings, batch_sharding),
                    out_shardings=(state_shardings, replicated), donate_argnums=0)
 
-  def run_update(train_step, state: TrainState, step: int) -> tuple[TrainState, list[dict]]:
-    """One optimizer update on the global batch of `step` (accum_impl="optax": one call per micro-batch)."""
-    global_batch = task.train_batch(step, config.batch_size)
+  def run_update(train_step, state: TrainState) -> tuple[TrainState, list[dict]]:
+    """One optimizer update on the next global batch (accum_impl="optax": one call per micro-batch)."""
+    local_batch = next(train_iter)
     if not accum_by_optax:
-      state, metrics = train_step(state, parallel.put_batch(global_batch, mesh))
+      state, metrics = train_step(state, parallel.put_local_batch(local_batch, mesh, config.batch_size))
       return state, [metrics]
     records = []
-    denominator = np.float32(max(global_batch["mask"].sum(), 1.0) / accum_steps)
+    global_mask = parallel.put_local_batch(local_batch["mask"], mesh, config.batch_size)
+    denominator = jax.jit(lambda m: jnp.maximum(m.sum(), 1.0) / accum_steps, out_shardings=replicated)(global_mask)
     for i in range(accum_steps):  # micro-batch i holds examples i, i + A, i + 2A, ... as in the scan
-      micro = jax.tree.map(lambda x: x[i::accum_steps], global_batch)
-      state, metrics = train_step(state, parallel.put_batch(micro, mesh), denominator, np.int32(i))
+      micro = jax.tree.map(lambda x: x[i::accum_steps], local_batch)
+      micro = parallel.put_local_batch(micro, mesh, config.batch_size // accum_steps)
+      state, metrics = train_step(state, micro, denominator, np.int32(i))
       records.append(metrics)
     return state, records
 
@@ -354,6 +418,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   interval_start, interval_steps = None, 0
   final_metrics: dict[str, float] = dict(meta.get("final_metrics") or {})
   stop = preempted = False
+  epoch_start = time.perf_counter()
   with jax.set_mesh(mesh), preemption_lib.Preemption(step) as preemption:
     while step < config.total_steps and not (stop or preempted):
       phase = phase_of(step)
@@ -362,7 +427,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             state["params"])
       if phase not in train_steps:
         train_steps[phase] = jit_train_step(phase)
-      state, step_records = run_update(train_steps[phase], state, step)
+      state, step_records = run_update(train_steps[phase], state)
       step += 1
       step_metrics = step_records[-1]
       train_records.extend(step_records)
@@ -390,16 +455,29 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
           eval_steps[phase] = jax.jit(make_eval_step(graphdef, loss_fn, phase,
                                                      precision.get_policy(config.precision.policy)),
                                       in_shardings=(state_shardings, parallel.batch_sharding(mesh)))
-        record.update(evaluate(eval_steps[phase], state, task, config, mesh))
-        writer.write(step, record)
-        progress.clear()
-        logging.info(metrics_lib.keras_line(step, record))
-        final_metrics = {"step": step, **record}
+        record.update(evaluate(eval_steps[phase], state, task.eval_iterator(config.eval_batch_size, shard), mesh,
+                               config.eval_batch_size, len(task.label_specs)))
         if optim_lib.uses_plateau(config.optim):  # reduce-on-plateau: the scale lives in the opt state
           state["opt_state"] = jax.device_put(
               optim_lib.report_eval_metric(state["opt_state"], record[config.optim.plateau_metric]),
               state_shardings["opt_state"])
         stop = stopper.update(step, record)
+        test_batches = None
+        if (stop or step == config.total_steps) and hasattr(task, "test_iterator"):
+          test_batches = task.test_iterator(config.eval_batch_size, shard)
+        if test_batches is not None:  # the test split, once, with the final parameters
+          record.update(evaluate(eval_steps[phase], state, test_batches, mesh, config.eval_batch_size,
+                                 len(task.label_specs), prefix="test"))
+        writer.write(step, record)
+        progress.clear()
+        if config.num_epochs > 0:
+          now = time.perf_counter()
+          logging.info(metrics_lib.epoch_line(-(-step // steps_per_epoch), config.num_epochs, now - epoch_start,
+                                              record))
+          epoch_start = now
+        else:
+          logging.info(metrics_lib.keras_line(step, record))
+        final_metrics = {"step": step, **record}
         if stop:
           logging.info("Early stopping at step %d: %s has not improved for %d evals (best %.4f at step %d).",
                        step, stopper.metric, stopper.patience, stopper.best, stopper.best_step)
@@ -410,7 +488,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         _check_finite(state)
         finished = stop or step == config.total_steps
         checkpointer.save(step, state, {"early_stopping": stopper.to_json(), "finished": finished,
-                                        "final_metrics": final_metrics if finished else None})
+                                        "final_metrics": final_metrics if finished else None},
+                          data_state=train_iter.get_state())
 
   checkpointer.wait_until_finished()
   checkpointer.close()

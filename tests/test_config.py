@@ -56,10 +56,10 @@ def test_wrong_type_in_unlocked_config():
     ("optim.learning_rate", -0.1, "config.optim.learning_rate: must be > 0"),
     ("chain.mode", "greedy", "config.chain.mode: 'greedy' is not one of: end_to_end, deep_supervision"),
     ("optim.optimizer", "rmsprop", "config.optim.optimizer: 'rmsprop' is not one of: adam, adamw, sgd"),
-    ("data.name", "mnist", "config.data.name: 'mnist' is not one of: parity, line_parity"),
+    ("data.name", "no_such_dataset", "config.data.name: 'no_such_dataset' is neither a TFDS dataset nor prepared"),
     ("early_stopping.metric", "accuracy", "config.early_stopping.metric: 'accuracy' must name an eval metric"),
-    ("early_stopping.metric", "eval/auc", "config.early_stopping.metric: 'eval/auc' is not an eval metric of "
-     "this chain; allowed: eval/loss, eval/accuracy, eval/stage_1/loss"),
+    ("early_stopping.metric", "eval/top5", "config.early_stopping.metric: 'eval/top5' is not an eval metric of "
+     "this chain; allowed: eval/loss, eval/accuracy, eval/auc, eval/stage_1/loss"),
     ("precision.policy", "compute=float8", "config.precision.policy: precision policy: unknown dtype 'float8'"),
     ("precision.loss_scale", "dynamic:foo=1", "config.precision.loss_scale: loss scale 'dynamic:foo=1': bad"),
     ("optim.accum_steps", 3, "config.optim.accum_steps: batch_size=256 must split into accum_steps=3"),

@@ -71,3 +71,39 @@ def test_sigkill_during_save_and_mid_run_then_resume_is_bit_identical(tmp_path):
   ref, got = final_state(reference), final_state(workdir)
   assert ref["step"] == got["step"] == 400
   assert_trees_equal(ref["tree"], got["tree"])
+
+
+@pytest.mark.slow
+def test_sigkill_mid_epoch_on_a_tfds_dataset_resumes_the_input_exactly(tmp_path):
+  """Grain's iterator state goes into each checkpoint; the resumed run reads the very next batch."""
+  import json
+
+  import tiny_tfds
+
+  data_dir = tiny_tfds.build(tmp_path / "tfds")
+  args = ["--config=configs/fashion_mnist_cnn.py:runlocal,epochs=30", f"--config.data.name={tiny_tfds.NAME}",
+          f"--config.data.data_dir={data_dir}", "--config.checkpoint_every=4", "--config.max_to_keep=50"]
+  run = lambda workdir: subprocess.Popen([sys.executable, "-m", "chainjax.main", *args, f"--workdir={workdir}"],
+                                         cwd=REPO, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                         text=True)
+  reference = run(tmp_path / "reference")
+  _, stderr = reference.communicate(timeout=300)
+  assert reference.returncode == 0, stderr[-3000:]
+
+  workdir = tmp_path / "killed"
+  proc = run(workdir)  # 6 updates per epoch: killed in the middle of an epoch, a few checkpoints in
+  assert _kill_when(proc, lambda: os.path.isdir(workdir / "checkpoints") and checkpoint_steps(workdir)
+                    and checkpoint_steps(workdir)[-1] >= 40)
+  killed_at = checkpoint_steps(workdir)[-1]
+  assert killed_at < 180
+  proc = run(workdir)
+  _, stderr = proc.communicate(timeout=300)
+  assert proc.returncode == 0, stderr[-3000:]
+  assert f"at step {killed_at}" in stderr
+
+  for step in checkpoint_steps(workdir):  # the saved input position is the step, in Grain's own format
+    saved = json.loads((workdir / "checkpoints" / str(step) / "data" / "process_0-of-1.json").read_text())
+    assert saved == {"next_index": step}
+  ref, got = final_state(tmp_path / "reference"), final_state(workdir)
+  assert ref["step"] == got["step"] == 180
+  assert_trees_equal(ref["tree"], got["tree"])

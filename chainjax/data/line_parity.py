@@ -65,7 +65,7 @@ def rasterize(theta: np.ndarray, length: np.ndarray, centre: np.ndarray) -> np.n
   return (dist2 <= f32(HALF_WIDTH**2)).astype(f32).reshape(lead + (IMAGE_SIZE, IMAGE_SIZE))
 
 
-class LineParityTask:
+class LineParityTask(base.StepTask):
   """`k` line images [k, 28, 28, 1]; stage 1 predicts each image's orientation bit, stage 2 their XOR."""
 
   name = "line_parity"

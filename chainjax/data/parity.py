@@ -23,7 +23,7 @@ from chainjax.data import base
 _EVAL_STREAM = 2**31 - 1  # rng stream id of the held-out set, disjoint from training steps
 
 
-class ParityTask:
+class ParityTask(base.StepTask):
   """`d`-bit inputs; stage `i` predicts the `2**(levels-i)` XORs of tree level `i`."""
 
   name = "parity"
