@@ -160,3 +160,38 @@ def test_stages_that_do_not_fit_the_images_are_named(data_dir):
 def test_batch_larger_than_the_split(data_dir):
   message = _error(tiny_config(data_dir, batch_size=64, **{"optim.warmup_steps": 0}))
   assert "batch_size" in message, message
+
+
+# --- epoch-based runs ---------------------------------------------------------------------------
+
+
+def test_epoch_run_evaluates_each_epoch_and_total_steps_caps_it(data_dir, tmp_path, caplog):
+  import logging
+
+  from chainjax import metrics
+  from chainjax import train
+
+  caplog.set_level(logging.INFO)
+  final = train.train_and_evaluate(tiny_config(data_dir, "runlocal,epochs=3"), str(tmp_path / "epochs"))
+  assert final["step"] == 18  # 3 epochs of 50 // 8 = 6 updates
+  assert [r["step"] for r in metrics.read_metrics(str(tmp_path / "epochs"))] == [6, 12, 18]
+  lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("Epoch ")]
+  assert [line.split(" - ")[0] for line in lines] == ["Epoch 1/3", "Epoch 2/3", "Epoch 3/3"]
+  assert " - val_accuracy: " in lines[-1]
+
+  capped = train.train_and_evaluate(tiny_config(data_dir, "runlocal,epochs=3", total_steps=8),
+                                    str(tmp_path / "capped"))
+  assert capped["step"] == 8
+  assert [r["step"] for r in metrics.read_metrics(str(tmp_path / "capped"))] == [6, 8]
+
+
+def test_split_test_is_evaluated_once_at_the_end(data_dir, tmp_path):
+  from chainjax import metrics
+  from chainjax import train
+
+  config = tiny_config(data_dir, "runlocal,epochs=2", **{"data.split_eval": "train[:20]",
+                                                         "data.split_test": "test"})
+  final = train.train_and_evaluate(config, str(tmp_path))
+  records = metrics.read_metrics(str(tmp_path))
+  assert "test/accuracy" not in records[0] and "test/accuracy" in records[-1]
+  assert final["test/accuracy"] == records[-1]["test/accuracy"]

@@ -3,17 +3,19 @@
 A `GrainTask` turns two record sources (train and held-out split) and a
 per-example transform into the `Task` iterators the training loop reads:
 
-  train: records -> shuffle(seed), a new order every epoch -> this process's
-         positions of each global batch -> transform -> batch (drop remainder)
+  train: update n -> this process's positions in global batch n of an endless
+         stream that Grain shuffles with the seed, a new order every epoch ->
+         one batched read of those records -> transform each -> stack
          -> prefetching iterator (threads)
-  eval:  records in order -> this process's positions of each global batch,
-         padding past the end -> transform -> batch -> iterator
+  eval:  batch b -> this process's positions in global batch b, in order,
+         padding past the end -> batched read -> transform -> stack -> iterator
 
 Everything is index arithmetic on Grain `MapDataset`s, so the order is a pure
 function of (seed, epoch, position): every process computes the same global
 order and reads only its own 1/P of each global batch; the iterator's state
 (Grain's `{"next_index": n}`) is all a checkpoint needs to continue with the
-very next batch. An epoch is `len(train) // batch_size` global batches; the
+very next batch. Reading a whole batch per element (ArrayRecord's batched
+`__getitems__`) costs a quarter of per-example reads through Grain. An epoch is `len(train) // batch_size` global batches; the
 examples past the last full batch are dropped for that epoch (the next epoch's
 shuffle puts others last).
 """
@@ -34,48 +36,62 @@ Example = dict  # {"inputs": np.ndarray, "labels": tuple[np.ndarray, ...]}
 Transform = Callable[[Any], Example]  # raw record -> Example
 
 
-@dataclasses.dataclass(frozen=True)
-class _TrainPosition:
-  """Local example k of process `shard` -> its position in the endless per-epoch-shuffled stream."""
+def _read_batch(source, indices: Sequence[int], transform: Transform) -> list[dict]:
+  """Records `indices` of `source` (one batched read when the source has one), transformed."""
+  indices = [int(i) for i in indices]
+  records = source.__getitems__(indices) if hasattr(source, "__getitems__") else [source[i] for i in indices]
+  out = []
+  for record in records:
+    example = transform(record)
+    out.append({"inputs": example["inputs"], "labels": tuple(example["labels"]), "mask": np.float32(1.0)})
+  return out
 
+
+def _stack(examples: list[dict]) -> base.Batch:
+  return {"inputs": np.stack([e["inputs"] for e in examples]),
+          "labels": tuple(np.stack(ls) for ls in zip(*(e["labels"] for e in examples))),
+          "mask": np.array([e["mask"] for e in examples], np.float32)}
+
+
+@dataclasses.dataclass(frozen=True)
+class _TrainBatch:
+  """Update `step` -> this process's rows of its global batch, read from the per-epoch-shuffled stream.
+
+  Global batch `step` of epoch e holds stream positions e * N + j * B + [0, B), where
+  j is the batch's index within its epoch (an epoch is N // B batches; the rest of the
+  epoch's permutation is dropped); process p of P reads positions p * B/P + [0, B/P).
+  """
+
+  source: Any
+  order: grain.MapDataset  # stream position -> record index (a new permutation every epoch)
+  transform: Transform
   global_batch: int
-  steps_per_epoch: int
-  epoch_size: int
   shard: base.Shard
 
-  def __call__(self, k: int) -> int:
+  def __call__(self, step: int) -> base.Batch:
+    epoch_size = len(self.source)
+    epoch, batch_in_epoch = divmod(step, epoch_size // self.global_batch)
     local = self.global_batch // self.shard.count
-    step, row = divmod(k, local)
-    epoch, batch_in_epoch = divmod(step, self.steps_per_epoch)
-    return (epoch * self.epoch_size + batch_in_epoch * self.global_batch + self.shard.index * local + row)
+    first = epoch * epoch_size + batch_in_epoch * self.global_batch + self.shard.index * local
+    return _stack(_read_batch(self.source, [self.order[p] for p in range(first, first + local)], self.transform))
 
 
 @dataclasses.dataclass(frozen=True)
-class _EvalPosition:
-  """Local example k of process `shard` -> the held-out record it reads, or -1 for padding."""
+class _EvalBatch:
+  """Eval batch `b` -> this process's rows of global batch b of `source` in order, padded past its end."""
 
+  source: Any
+  transform: Transform
   global_batch: int
-  size: int
   shard: base.Shard
+  padding: dict
 
-  def __call__(self, k: int) -> int:
+  def __call__(self, b: int) -> base.Batch:
     local = self.global_batch // self.shard.count
-    batch, row = divmod(k, local)
-    position = batch * self.global_batch + self.shard.index * local + row
-    return position if position < self.size else -1
-
-
-class _Read(grain.transforms.Map):
-  """Position -> transformed example with `mask` 1; position -1 -> `padding` (mask 0)."""
-
-  def __init__(self, records: Sequence[Any] | grain.MapDataset, transform: Transform, padding: Example | None):
-    self._records, self._transform, self._padding = records, transform, padding
-
-  def map(self, position: int) -> dict:
-    if position < 0:
-      return self._padding
-    example = self._transform(self._records[position])
-    return {"inputs": example["inputs"], "labels": tuple(example["labels"]), "mask": np.float32(1.0)}
+    first = b * self.global_batch + self.shard.index * local
+    indices = [i for i in range(first, first + local) if i < len(self.source)]
+    examples = _read_batch(self.source, indices, self.transform) if indices else []
+    return _stack(examples + [self.padding] * (local - len(examples)))
 
 
 class GrainTask(base.Task):
@@ -107,19 +123,15 @@ class GrainTask(base.Task):
     return {"inputs": np.zeros(self.input_shape, self.input_dtype), "labels": labels, "mask": np.float32(0.0)}
 
   def train_dataset(self, batch_size: int, shard: base.Shard) -> grain.MapDataset:
-    """This process's training batches as an endless random-access dataset (batch n = update n)."""
-    local = shard.local_size(batch_size)
-    steps_per_epoch = self.train_size // batch_size
-    if steps_per_epoch < 1:
+    """This process's training batches as an endless random-access dataset: element n is update n's."""
+    shard.local_size(batch_size)
+    if self.train_size // batch_size < 1:
       raise ValueError(f"config.batch_size: {batch_size} is larger than the {self.train_size} training "
                        f"examples of {self.name}")
-    records = grain.MapDataset.source(self.train_source).shuffle(seed=self.seed % 2**32).repeat()
-    position = _TrainPosition(batch_size, steps_per_epoch, self.train_size, shard)
-    max_steps = (sys.maxsize - self.train_size) // batch_size  # keeps positions below Grain's endless length
-    return (grain.MapDataset.range(max_steps * local)
-            .map(position)
-            .map(_Read(records, self.transform, None))
-            .batch(local, drop_remainder=True))
+    order = grain.MapDataset.range(self.train_size).shuffle(seed=self.seed % 2**32).repeat()
+    max_steps = (sys.maxsize - self.train_size) // batch_size  # positions stay below Grain's endless length
+    return grain.MapDataset.range(max_steps).map(
+        _TrainBatch(self.train_source, order, self.transform, batch_size, shard))
 
   def train_iterator(self, batch_size: int, shard: base.Shard) -> grain.DatasetIterator:
     return iter(self.train_dataset(batch_size, shard).to_iter_dataset(self._read_options()))
@@ -127,12 +139,10 @@ class GrainTask(base.Task):
   def eval_dataset(self, batch_size: int, shard: base.Shard, source=None) -> grain.MapDataset:
     """This process's rows of the padded held-out batches of `source` (default the eval split), in order."""
     source = self.eval_source if source is None else source
-    local = shard.local_size(batch_size, "eval_batch_size")
+    shard.local_size(batch_size, "eval_batch_size")
     num_batches = -(-len(source) // batch_size)
-    return (grain.MapDataset.range(num_batches * local)
-            .map(_EvalPosition(batch_size, len(source), shard))
-            .map(_Read(source, self.transform, self.padding_example()))
-            .batch(local))
+    return grain.MapDataset.range(num_batches).map(
+        _EvalBatch(source, self.transform, batch_size, shard, self.padding_example()))
 
   def eval_iterator(self, batch_size: int, shard: base.Shard) -> Iterator[base.Batch]:
     return iter(self.eval_dataset(batch_size, shard).to_iter_dataset(self._read_options()))
