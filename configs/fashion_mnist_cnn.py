@@ -25,7 +25,7 @@ from chainjax import stages
 
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
-  args = config_lib.parse_arg(arg, mode="deep_supervision", epochs=5, runlocal=False)
+  args = config_lib.parse_arg(arg, mode="deep_supervision", epochs=6, runlocal=False)
   config = config_lib.base_config()
   config.seed = 0
   config.batch_size = 128
@@ -40,13 +40,12 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   config.data.split_eval = "test"
 
   config.chain.mode = args["mode"]
-  widths = (32, 64, 128)
+  widths = (16, 32, 64)
   config.chain.stages = [
       stages.stage_config("conv", name=f"conv{i + 1}", features=(width,), kernel_size=3, pool="max",
-                          norm="batch", head={"enabled": True, "pool": "mean", "hidden": 0})
+                          norm="batch", head={"enabled": True, "pool": "flatten", "hidden": 0})
       for i, width in enumerate(widths)
   ]
-  config.chain.stages[-1].head.pool = "flatten"
   config.chain.stages[-1].head.hidden = 128
   config.chain.loss_weights = (0.3, 0.3, 1.0)
   config.optim.per_stage = config_lib.per_stage_optim([s.name for s in config.chain.stages])

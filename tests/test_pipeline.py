@@ -195,3 +195,21 @@ def test_split_test_is_evaluated_once_at_the_end(data_dir, tmp_path):
   records = metrics.read_metrics(str(tmp_path))
   assert "test/accuracy" not in records[0] and "test/accuracy" in records[-1]
   assert final["test/accuracy"] == records[-1]["test/accuracy"]
+
+
+def test_bad_data_from_the_command_line_exits_2_with_one_line_and_writes_nothing(tmp_path):
+  import subprocess
+  import sys
+
+  from helpers import REPO
+
+  workdir = tmp_path / "run"
+  proc = subprocess.run([sys.executable, "-m", "chainjax.main", "--config=configs/fashion_mnist_cnn.py",
+                         f"--config.data.data_dir={tmp_path}", f"--workdir={workdir}"],
+                        cwd=REPO, capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 2
+  errors = [line for line in proc.stderr.splitlines() if line.startswith("chainjax: error:")]
+  assert errors == [f"chainjax: error: config.data.data_dir: TFDS dataset 'fashion_mnist' is not prepared in "
+                    f"{tmp_path}; run `python -m chainjax.data.prepare fashion_mnist --data_dir={tmp_path}` "
+                    "(nothing is downloaded at run time)"]
+  assert not workdir.exists()

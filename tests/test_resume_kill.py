@@ -73,16 +73,27 @@ def test_sigkill_during_save_and_mid_run_then_resume_is_bit_identical(tmp_path):
   assert_trees_equal(ref["tree"], got["tree"])
 
 
+def _fashion_mnist_available() -> bool:
+  from chainjax.data import prepare
+  return prepare.fashion_mnist_available()
+
+
 @pytest.mark.slow
-def test_sigkill_mid_epoch_on_a_tfds_dataset_resumes_the_input_exactly(tmp_path):
+@pytest.mark.parametrize("dataset", ["tiny", pytest.param("fashion_mnist", marks=pytest.mark.skipif(
+    not _fashion_mnist_available(), reason="Fashion-MNIST is not prepared (python -m chainjax.data.prepare "
+    "fashion_mnist, after apt-get install dataset-fashion-mnist)"))])
+def test_sigkill_mid_epoch_on_a_tfds_dataset_resumes_the_input_exactly(tmp_path, dataset):
   """Grain's iterator state goes into each checkpoint; the resumed run reads the very next batch."""
   import json
 
   import tiny_tfds
 
-  data_dir = tiny_tfds.build(tmp_path / "tfds")
-  args = ["--config=configs/fashion_mnist_cnn.py:runlocal,epochs=30", f"--config.data.name={tiny_tfds.NAME}",
-          f"--config.data.data_dir={data_dir}", "--config.checkpoint_every=4", "--config.max_to_keep=50"]
+  if dataset == "tiny":  # 6 updates per epoch
+    args = [f"--config.data.name={tiny_tfds.NAME}", f"--config.data.data_dir={tiny_tfds.build(tmp_path / 'tfds')}"]
+  else:  # 7500 updates per epoch at batch 8: the run stays inside epoch 1
+    args = ["--config.eval_batch_size=2000", "--config.data.split_eval=test[:2000]"]
+  args = ["--config=configs/fashion_mnist_cnn.py:runlocal,epochs=30", *args, "--config.total_steps=180",
+          "--config.checkpoint_every=4", "--config.max_to_keep=50"]
   run = lambda workdir: subprocess.Popen([sys.executable, "-m", "chainjax.main", *args, f"--workdir={workdir}"],
                                          cwd=REPO, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                                          text=True)
