@@ -72,6 +72,9 @@ def base_config() -> ml_collections.ConfigDict:
   # Text datasets (imdb_reviews, glue/sst2, synthetic_sentiment).
   c.data.vocab_size = 20000  # top-N words of the training split, plus padding (0) and OOV (1)
   c.data.max_len = 256  # tokens per example, padded or truncated
+  c.data.padding = "pre"  # where short texts get their padding ids: "pre" (as Keras) | "post"
+  c.data.truncating = "pre"  # which end of a long text is cut: "pre" keeps the end (as Keras) | "post"
+  c.data.train_size = 20000  # synthetic_sentiment: training sentences (the eval set has data.eval_size)
 
   c.chain = ml_collections.ConfigDict()
   c.chain.mode = "deep_supervision"
@@ -156,11 +159,14 @@ _CHOICES = {
     "optim.plateau_mode": ("min", "max"),
     "early_stopping.mode": ("max", "min"),
     "optim.accum_impl": ("scan", "optax"),
+    "data.padding": ("pre", "post"),
+    "data.truncating": ("pre", "post"),
 }
 _POSITIVE = ("batch_size", "eval_batch_size", "total_steps", "eval_every", "checkpoint_every",
              "log_every", "max_to_keep", "optim.accum_steps", "mesh.model", "data.eval_size", "data.d", "data.levels", "data.num_images",
+             "data.vocab_size", "data.max_len", "data.train_size",
              "optim.learning_rate", "optim.eps", "optim.plateau_patience")
-_NON_NEGATIVE = ("seed", "data.seed", "chain.consistency_weight", "optim.warmup_steps",
+_NON_NEGATIVE = ("seed", "data.seed", "data.num_threads", "data.prefetch", "chain.consistency_weight", "optim.warmup_steps",
                  "optim.end_lr_factor", "optim.momentum", "optim.weight_decay", "optim.grad_clip_norm",
                  "optim.steps_per_epoch", "optim.plateau_min_scale", "optim.plateau_min_delta",
                  "early_stopping.patience", "early_stopping.min_delta")
@@ -324,6 +330,11 @@ def _validate_chain(config, task, stages_lib, chain_lib) -> None:
   if metric and metric not in known:
     raise ConfigError("early_stopping.metric", f"{metric!r} is not an eval metric of this chain; "
                       f"allowed: {', '.join(known)}")
+  if chain.mode == "decoupled":
+    for i, stage in enumerate(stages):
+      if not stage.head.enabled:
+        raise ConfigError(f"chain.stages[{i}].head.enabled", "decoupled mode cuts every gradient between "
+                          "stages, so a stage without a head never learns: enable its head, or use deep_supervision")
   if chain.mode == "progressive":
     for i, stage in enumerate(stages):
       if not stage.head.enabled:
