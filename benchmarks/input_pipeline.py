@@ -5,10 +5,13 @@
 
 Runs the config's jitted train step on one device in one process, and prints:
   pipeline alone        examples/sec of the Grain pipeline (TFDS ArrayRecord read, decode,
-                        shuffle, batch) with no training
-  from memory           steps/sec with the same batches already in host memory (the baseline)
-  real pipeline         steps/sec reading each batch from the pipeline as training does
-                        target: >= 0.95x the in-memory rate
+                        shuffle, batch) with no training: uncached (every record decoded) and
+                        cached (`data.cache=True`, as the Fashion-MNIST config: records decoded
+                        in epoch 1 stay in memory; the cache is filled by one pass first)
+  train from memory     steps/sec with batches already in host memory (the baseline)
+  train, uncached       steps/sec reading each batch from the pipeline as training does,
+  train, cached         decoding every record (epoch 1) / from the filled cache (epochs 2+)
+                        target: the config's pipeline >= 0.95x the in-memory rate
 Variants are interleaved `--repeats` times and the fastest of each is reported, so both
 see the same machine load.
 """
@@ -19,6 +22,7 @@ import os
 import sys
 import time
 
+import ml_collections
 from absl import app, flags
 from ml_collections import config_flags
 
@@ -46,6 +50,9 @@ def main(argv):
   config = _CONFIG.value
   try:
     task = config_lib.validate(config, 1)
+    uncached_config = ml_collections.ConfigDict(config.to_dict())
+    uncached_config.data.cache = False
+    uncached = config_lib.validate(uncached_config, 1)
   except config_lib.ConfigError as e:
     sys.exit(f"input_pipeline: {e}")
   batch_size, steps = config.batch_size, _STEPS.value
@@ -61,7 +68,12 @@ def main(argv):
   def put(batch):
     return parallel.put_local_batch(batch, mesh, batch_size)
 
-  iterator = task.train_iterator(batch_size, base.Shard())
+  iterators = {"uncached": uncached.train_iterator(batch_size, base.Shard())}
+  if config.data.cache:  # one pass over the training split fills the cache, as epoch 1 does
+    iterators["cached"] = task.train_iterator(batch_size, base.Shard())
+    for _ in range(task.train_size // batch_size):
+      next(iterators["cached"])
+  iterator = iterators["uncached"]
   for _ in range(5):  # compile and warm up
     state, metrics = step_fn(state, put(next(iterator)))
   jax.block_until_ready(metrics)
@@ -75,25 +87,32 @@ def main(argv):
     jax.block_until_ready(metrics)
     return steps / (time.perf_counter() - start)
 
-  def pipeline_alone() -> float:
+  def pipeline_alone(iterator) -> float:
     start = time.perf_counter()
     for _ in range(steps):
       next(iterator)
     return steps * batch_size / (time.perf_counter() - start)
 
-  best = {"pipeline": 0.0, "memory": 0.0, "real": 0.0}
+  alone = {name: 0.0 for name in iterators}
+  trained = {name: 0.0 for name in ["memory", *iterators]}
   for _ in range(_REPEATS.value):
-    best["pipeline"] = max(best["pipeline"], pipeline_alone())
-    best["memory"] = max(best["memory"], train_from(in_memory))
-    best["real"] = max(best["real"], train_from(next(iterator) for _ in range(steps)))
+    trained["memory"] = max(trained["memory"], train_from(in_memory))
+    for name, iterator in iterators.items():
+      alone[name] = max(alone[name], pipeline_alone(iterator))
+      trained[name] = max(trained[name], train_from(next(iterator) for _ in range(steps)))
 
   print(f"{task.name}, batch {batch_size}, {steps} steps x {_REPEATS.value} repeats, "
         f"{config.data.num_threads} read threads, {os.cpu_count()} CPUs, JAX {jax.__version__}")
-  print(f"  pipeline alone     {best['pipeline']:10.0f} examples/s  ({best['pipeline'] / batch_size:.1f} batches/s)")
-  print(f"  from memory        {best['memory']:10.2f} steps/s   1.00x")
-  ratio = best["real"] / best["memory"]
-  print(f"  real pipeline      {best['real']:10.2f} steps/s   {ratio:.2f}x   target >= 0.95x "
-        f"{'(met)' if ratio >= 0.95 else '(NOT met)'}")
+  for name, rate in alone.items():
+    print(f"  pipeline alone, {name:9s} {rate:9.0f} examples/s  ({rate / batch_size:.1f} batches/s)")
+  print(f"  train from memory        {trained['memory']:9.2f} steps/s     1.00x")
+  for name in iterators:
+    ratio = trained[name] / trained["memory"]
+    what = "every epoch decodes" if name == "uncached" else "the config (data.cache=True) after epoch 1"
+    print(f"  train, {name:9s}         {trained[name]:9.2f} steps/s     {ratio:.2f}x   ({what})")
+  final = "cached" if "cached" in iterators else "uncached"
+  ratio = trained[final] / trained["memory"]
+  print(f"target: the config's pipeline >= 0.95x from memory: {ratio:.2f}x {'met' if ratio >= 0.95 else 'NOT met'}")
 
 
 if __name__ == "__main__":

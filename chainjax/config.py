@@ -68,7 +68,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.split_eval = "test"  # evaluated every eval_every updates (or every epoch)
   c.data.split_test = ""  # evaluated once at the end, logged as test/...; "" = none
   c.data.num_threads = 4  # Grain read threads per process
-  c.data.prefetch = 8  # Grain prefetch buffer (elements)
+  c.data.prefetch = 8  # Grain prefetch buffer (batches)
+  c.data.cache = False  # keep decoded records in host memory after the first read (small datasets)
   # Text datasets (imdb_reviews, glue/sst2, synthetic_sentiment).
   c.data.vocab_size = 20000  # top-N words of the training split, plus padding (0) and OOV (1)
   c.data.max_len = 256  # tokens per example, padded or truncated

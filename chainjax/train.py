@@ -354,6 +354,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   if is_main:  # epath: the workdir may be local or gs://
     epath.Path(workdir).mkdir(parents=True, exist_ok=True)
     (epath.Path(workdir) / "config.json").write_text(config.to_json_best_effort(indent=2, sort_keys=True))
+    task.save(workdir)
   writer = metrics_lib.MetricWriter(workdir, enabled=is_main)
   checkpointer = checkpoint_lib.Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=config.max_to_keep)
   abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)

@@ -3,18 +3,30 @@
   python -m chainjax.data.prepare fashion_mnist          # once: offline, from Debian's dataset-fashion-mnist
   python -m chainjax.main --config=configs/fashion_mnist_cnn.py --workdir=runs/fmnist
 
-Stage i is a conv block (3x3 'SAME' conv, BatchNorm, relu, 2x2 max pool; 28 -> 14 -> 7 -> 3)
-with its own 10-way head (global mean pool -> Dense); the last head flattens its 3x3x128
-map through a hidden layer of 128. Every head predicts the class, so in `deep_supervision`
-the early stages learn features that already classify. Data: TFDS `fashion_mnist`
-(ArrayRecord via `tfds.data_source`) through Grain; train on `train` (60000), evaluate on
-`test` (10000) after every epoch. Adam 2e-3 with warmup + cosine over the run.
+Stage i is a conv block (3x3 'SAME' conv with 16, 32, 64 channels, BatchNorm, relu, 2x2 max
+pool; 28 -> 14 -> 7 -> 3) with its own 10-way head on its flattened feature map (the last
+head through a hidden layer of 128). Every head predicts the class, so in
+`deep_supervision` the early stages learn features that already classify; loss weights
+0.3, 0.3, 1.0. Data: TFDS `fashion_mnist` (ArrayRecord via `tfds.data_source`) through
+Grain, decoded records cached in memory after epoch 1 (`data.cache`); batch 128; train on
+`train` (60000), evaluate on `test` (10000) after every epoch. Adam 2e-3, 200 warmup
+updates then cosine to 0 over the 6 epochs (2808 updates).
 
-MEASURED: see the table filled in below by the run that set these values.
+Measured on 2 CPU cores, 1 device (JAX 0.10.2), 2026-11-28, quiet machine, with
+`/usr/bin/time` around the command above:
+  epoch                     1       2       3       4       5       6
+  eval/accuracy (stage 3)   0.8782  0.8842  0.9030  0.9073  0.9146  0.9156
+  stage 1 / stage 2 heads at epoch 6: 0.9004 / 0.9093
+  epoch time: 63 s (epoch 1, decoding), then 47-51 s; whole command 5 min 12 s wall,
+  peak memory 0.9 GB.  Without the cache: 5 min 48 s, same numbers (the order of
+  batches does not depend on the cache).
+Widths 32, 64, 128 with mean-pooled heads cost 2.3x the step time for 0.879 after 2 epochs
+(not run to the end: it would not fit 10 minutes); mean-pooled heads on 16/32/64 gave the
+same last-stage accuracy (0.915) but early heads of only 0.53 / 0.76.
 
 Variants (`get_config(arg)`, comma-separated key=value):
   mode=<end_to_end|deep_supervision|decoupled|progressive>
-  epochs=N        epochs of the training split (default 5)
+  epochs=N        epochs of the training split (default 6)
   runlocal        a seconds-long run (any dataset; tests point data.name at a tiny one)
 """
 
@@ -38,6 +50,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   config.data.name = "fashion_mnist"
   config.data.split_train = "train"
   config.data.split_eval = "test"
+  config.data.cache = True  # 60000 decoded images in memory (~60 MB): PNG decoding only in epoch 1
 
   config.chain.mode = args["mode"]
   widths = (16, 32, 64)

@@ -143,6 +143,8 @@ def test_synthetic_task_batches():
 
 def test_vocabulary_is_saved_in_the_workdir_and_reused(tmp_path):
   first = text.text_task(text_config(seed=0), str(tmp_path))
+  assert not (tmp_path / text.VOCAB_FILE).exists()  # validation writes nothing ...
+  first.save(str(tmp_path))  # ... training saves it
   saved = text.Vocabulary.load(tmp_path / text.VOCAB_FILE)
   assert saved == first.transform.vocab and len(saved.words) > 200
   other = text_config(seed=1, train_size=300)  # different training data ...
@@ -151,7 +153,7 @@ def test_vocabulary_is_saved_in_the_workdir_and_reused(tmp_path):
 
 
 def test_vocabulary_size_mismatch_is_one_line_naming_the_field(tmp_path):
-  text.text_task(text_config(), str(tmp_path))
+  text.text_task(text_config(), str(tmp_path)).save(str(tmp_path))
   with pytest.raises(DataError) as err:
     text.text_task(text_config(vocab_size=1000), str(tmp_path))
   message = str(err.value)
@@ -226,6 +228,7 @@ def test_tfds_text_dataset(tfds_dir, tmp_path, name, split_eval):
   config = text_config(name, data_dir=tfds_dir, split_eval=split_eval)
   with mock_tfds(tfds_dir, num_examples=40):
     task = text.text_task(config, str(tmp_path))
+    task.save(str(tmp_path))
     batch = next(task.train_iterator(8, base.Shard()))
     eval_batches = list(task.eval_iterator(16, base.Shard()))
   assert (task.name, task.train_size, task.eval_size) == (name, 40, 40)
@@ -339,3 +342,23 @@ def test_a_split_whose_records_have_no_label_is_an_error():
   unlabeled = pipeline.ArraySource(text=np.array([b"a b"], object), label=np.array([-1]))
   with pytest.raises(DataError, match=r"^config.data.split_eval: record 0 of imdb_reviews split 'test' has label -1"):
     text._check_first_label(config.data, "split_eval", unlabeled, "label")  # pylint: disable=protected-access
+
+
+def test_lstm_config_trains_with_the_exact_eval_auc_epoch_lines_and_the_vocab_in_the_workdir(tmp_path, caplog):
+  import logging
+
+  from chainjax import metrics
+  from chainjax import train
+
+  caplog.set_level(logging.INFO)
+  config = helpers.load_config("imdb_lstm", "runlocal", num_epochs=2, **{"data.train_size": 256})
+  final = train.train_and_evaluate(config, str(tmp_path))
+  assert final["step"] == 32  # 2 epochs of 256 // 16
+  vocab = text.Vocabulary.load(tmp_path / text.VOCAB_FILE)
+  assert vocab == text.text_task(config, None).transform.vocab
+  assert 0.0 <= final["eval/auc"] <= 1.0 and final["eval/auc"] == final["eval/stage_3/auc"]
+  assert 0.0 <= final["train/auc"] <= 1.0
+  lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("Epoch ")]
+  assert len(lines) == 2 and lines[1].startswith("Epoch 2/2 - ")
+  assert " - auc: " in lines[1] and " - val_auc: " in lines[1]
+  assert [r["step"] for r in metrics.read_metrics(str(tmp_path))] == [16, 32]

@@ -114,6 +114,10 @@ class Task(Protocol):
     padded, and `mask` is 0 on padding.
     """
 
+  def save(self, workdir: str) -> None:
+    """Writes into `workdir` what the task derived from its data and later runs must reuse
+    (a text vocabulary); called on process 0 once the config and data are validated."""
+
 
 class StepTask:
   """Base of synthetic tasks whose global batch is a pure function of the step.
@@ -130,6 +134,9 @@ class StepTask:
 
   def eval_batches(self, batch_size: int) -> Iterator[Batch]:
     raise NotImplementedError
+
+  def save(self, workdir: str) -> None:
+    del workdir  # generated from (seed, step): nothing to keep
 
   def train_iterator(self, batch_size: int, shard: Shard) -> "StepIterator":
     return StepIterator(self, batch_size, shard)

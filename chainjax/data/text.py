@@ -292,9 +292,12 @@ _BUILT: dict[tuple, Vocabulary] = {}  # vocabularies built in this process, by w
 
 
 def task_vocabulary(config, workdir: str | None, train_source, text_key: str) -> Vocabulary:
-  """`<workdir>/vocab.json` if it exists, else the vocabulary of the training split (saved there by process 0)."""
-  import jax  # pylint: disable=g-import-not-at-top
+  """`<workdir>/vocab.json` if it exists, else the vocabulary of the training split.
 
+  A new vocabulary is written to the workdir by `TextTask.save`, which training calls
+  once the config and data have been validated: a run that fails validation leaves
+  the workdir untouched.
+  """
   data = config.data
   path = epath.Path(workdir) / VOCAB_FILE if workdir else None
   if path is not None and path.exists():
@@ -309,10 +312,7 @@ def task_vocabulary(config, workdir: str | None, train_source, text_key: str) ->
     _BUILT[key] = Vocabulary.build(read_texts(train_source, text_key), data.vocab_size)
     logging.info("text: built a vocabulary of %d words from %d %s %r records", len(_BUILT[key].words),
                  len(train_source), data.name, data.split_train)
-  vocab = _BUILT[key]
-  if path is not None and jax.process_index() == 0:
-    vocab.save(path, dataset=data.name, split=data.split_train)
-  return vocab
+  return _BUILT[key]
 
 
 def _open_tfds(data, field: str, split: str, builder, unlabeled: Sequence[str]):
@@ -335,7 +335,17 @@ def _check_embedding(config) -> None:
       return
 
 
-def text_task(config, workdir: str | None = None) -> pipeline.GrainTask:
+class TextTask(pipeline.GrainTask):
+  """A text `GrainTask` whose vocabulary belongs in the workdir."""
+
+  def save(self, workdir: str) -> None:
+    """Writes `<workdir>/vocab.json` unless it is there (call on process 0)."""
+    path = epath.Path(workdir) / VOCAB_FILE
+    if not path.exists():
+      self.transform.vocab.save(path, dataset=self.name)
+
+
+def text_task(config, workdir: str | None = None) -> TextTask:
   """The task of a text dataset named by `config.data.name` (one of `TEXT_DATASETS`).
 
   `workdir` holds the vocabulary (`vocab.json`); None keeps it in memory only.
@@ -376,7 +386,7 @@ def text_task(config, workdir: str | None = None) -> pipeline.GrainTask:
   transform = Tokenize(vocab, text_key, label_key, data.max_len, num_stages,
                        padding=data.padding, truncating=data.truncating)
   specs = tuple(base.LabelSpec(name=LABEL_NAME) for _ in range(num_stages))
-  task = pipeline.GrainTask(name=data.name, train_source=train, eval_source=evaluation, transform=transform,
+  task = TextTask(name=data.name, train_source=train, eval_source=evaluation, transform=transform,
                             input_shape=(data.max_len,), input_dtype=np.int32, label_specs=specs,
                             seed=config.seed, num_threads=data.num_threads, prefetch=data.prefetch)
   task.test_source = test

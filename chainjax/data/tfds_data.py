@@ -109,13 +109,16 @@ def image_classification_task(config) -> pipeline.GrainTask:
                 for _ in range(num_stages))
   train = open_split(builder, data.split_train, "split_train")
   evaluation = open_split(builder, data.split_eval, "split_eval")
+  if data.cache:
+    train, evaluation = pipeline.CachedSource(train), pipeline.CachedSource(evaluation)
   transform = ImageClassification(image_key, label_key, num_stages)
   task = pipeline.GrainTask(name=data.name, train_source=train, eval_source=evaluation, transform=transform,
                             input_shape=shape, input_dtype=np.float32, label_specs=specs, seed=config.seed,
                             num_threads=data.num_threads, prefetch=data.prefetch)
   check_first_example(task, builder, data.split_train)
   if data.split_test:
-    task.test_source = open_split(builder, data.split_test, "split_test")
+    test = open_split(builder, data.split_test, "split_test")
+    task.test_source = pipeline.CachedSource(test) if data.cache else test
   return task
 
 
