@@ -333,7 +333,7 @@ def test_per_stage_norms():
     ({"boundaries": (20, 10), "scales": (0.1, 0.1)}, "config.optim.boundaries: must be strictly increasing"),
     ({"weight_decay": 0.1}, "config.optim.weight_decay: adam has no weight decay"),
     ({"schedule": "exponential_per_epoch"}, "config.optim.steps_per_epoch: exponential_per_epoch needs"),
-    ({"schedule": "warmup_linear", "warmup_steps": 5000}, "config.optim.warmup_steps: must be < total_steps"),
+    ({"schedule": "warmup_linear", "warmup_steps": 5000}, "config.optim.warmup_steps: must be < the 3000 updates of this run"),
     ({"per_stage": {"level9": {}}}, "config.optim.per_stage.level9: 'level9' is not a stage name; stages: level1"),
     ({"per_stage": {"level1": {"optimizer": "rmsprop"}}}, "config.optim.per_stage.level1.optimizer: 'rmsprop' is"),
     ({"per_stage": {"level1": {"schedule": "cyclic"}}}, "config.optim.per_stage.level1.schedule: 'cyclic' is"),
