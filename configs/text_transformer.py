@@ -36,7 +36,10 @@ within 2 epochs): trained from scratch on 20000 sentences, this encoder does not
 pick up the word-order rule (negation). Without dropout, with max_len 40, lr 2e-3
 or 3e-3, one block with one head, or a small embedding init, it stays at 0.75-0.77
 within 1500-4000 updates; on sentences with a single, possibly negated, sentiment
-word it stays at chance (0.50) where word order is all there is.
+word it stays at chance (0.50) where word order is all there is. Padding is not the
+cause: with padding ids embedded as zeros, attention masked to real tokens and the mean
+taken over real tokens only (tried by hand), eval AUC is 0.743 / 0.770 / 0.773 after
+500 / 1000 / 2000 updates.
 """
 
 import ml_collections
