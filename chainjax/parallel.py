@@ -81,10 +81,6 @@ def process_slice(global_batch_size: int) -> slice:
 
 def put_batch(global_batch, mesh: jax.sharding.Mesh):
   """Host numpy global batch -> global jax arrays sharded along `data` (each process sends its rows)."""
-  sharding = batch_sharding(mesh)
-
-  def put(x: np.ndarray) -> jax.Array:
-    local = x[process_slice(x.shape[0])]
-    return jax.make_array_from_process_local_data(sharding, local, x.shape)
-
-  return jax.tree.map(put, global_batch)
+  size = jax.tree.leaves(global_batch)[0].shape[0]
+  rows = process_slice(size)
+  return put_local_batch(jax.tree.map(lambda x: x[rows], global_batch), mesh, size)

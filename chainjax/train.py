@@ -19,6 +19,7 @@ import ml_collections
 import numpy as np
 import optax
 from absl import logging
+from jax.experimental import multihost_utils
 from etils import epath
 from flax import nnx
 
@@ -31,7 +32,6 @@ from chainjax import optim as optim_lib
 from chainjax import parallel
 from chainjax import precision
 from chainjax import preemption as preemption_lib
-from jax.experimental import multihost_utils
 
 TrainState = dict  # {"step", "params", "rest", "opt_state", "nonfinite_step"}
 
@@ -390,6 +390,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     return jax.jit(lambda state, batch: step_fn(state, batch), in_shardings=(state_shardings, batch_sharding),
                    out_shardings=(state_shardings, replicated), donate_argnums=0)
 
+  # accum_impl="optax": the loss of every micro-batch is divided by the global batch's real-example count.
+  micro_denominator = jax.jit(lambda mask: jnp.maximum(mask.sum(), 1.0) / accum_steps, out_shardings=replicated)
+
   def run_update(train_step, state: TrainState) -> tuple[TrainState, list[dict]]:
     """One optimizer update on the next global batch (accum_impl="optax": one call per micro-batch)."""
     local_batch = next(train_iter)
@@ -398,7 +401,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       return state, [metrics]
     records = []
     global_mask = parallel.put_local_batch(local_batch["mask"], mesh, config.batch_size)
-    denominator = jax.jit(lambda m: jnp.maximum(m.sum(), 1.0) / accum_steps, out_shardings=replicated)(global_mask)
+    denominator = micro_denominator(global_mask)
     for i in range(accum_steps):  # micro-batch i holds examples i, i + A, i + 2A, ... as in the scan
       micro = jax.tree.map(lambda x: x[i::accum_steps], local_batch)
       micro = parallel.put_local_batch(micro, mesh, config.batch_size // accum_steps)
