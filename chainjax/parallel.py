@@ -10,6 +10,7 @@ collectives. No `jax.pmap`.
 
 from __future__ import annotations
 
+import collections
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -70,6 +71,43 @@ def put_local_batch(local_batch, mesh: jax.sharding.Mesh, global_batch_size: int
   return jax.tree.map(
       lambda x: jax.make_array_from_process_local_data(sharding, x, (global_batch_size,) + x.shape[1:]),
       local_batch)
+
+
+class DispatchWindow:
+  """Keeps at most `depth` dispatched programs running ahead of Python.
+
+  `add(outputs)` after each jitted call; once more than `depth` calls are pending, it
+  waits for the oldest one's outputs. Pass outputs that are not donated later (a step's
+  metrics, not its state).
+
+  Why: JAX dispatches asynchronously, so a loop without a host sync queues programs
+  without bound. XLA's CPU client runs each device's share of a multi-device program on a
+  pool with one thread per device and admits at most 32 programs in flight per device; a
+  launch past that limit blocks its pool thread on a semaphore. With 8 devices, launches of
+  later steps then hold pool threads while some participants of an earlier step's
+  all-reduce wait for one, and every thread waits for ever (8 fake CPU devices hung within
+  about 100 unsynchronized steps). A window of a couple of programs keeps accelerators just
+  as busy: the device still has the next program queued while Python prepares the one after.
+  """
+
+  def __init__(self, depth: int = 2):
+    if depth < 1:
+      raise ValueError(f"depth must be >= 1, got {depth}")
+    self.depth = depth
+    self._pending: collections.deque = collections.deque()
+
+  def add(self, outputs: Any) -> None:
+    self._pending.append(outputs)
+    while len(self._pending) > self.depth:
+      jax.block_until_ready(self._pending.popleft())
+
+  def wait(self) -> None:
+    """Waits for every pending program."""
+    while self._pending:
+      jax.block_until_ready(self._pending.popleft())
+
+  def __len__(self) -> int:
+    return len(self._pending)
 
 
 def process_slice(global_batch_size: int) -> slice:

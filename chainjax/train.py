@@ -231,13 +231,15 @@ def evaluate(eval_step, state: TrainState, batches, mesh, batch_size: int, num_s
   `<prefix>/loss`, `<prefix>/stage_<i>/{loss,accuracy}`, and the exact ROC AUC
   `<prefix>/stage_<i>/auc` of every stage with one binary label.
   """
-  sums, scores = None, {}
+  window = parallel.DispatchWindow()
+  outs, scores = [], {}
   for batch in batches:
     out, batch_scores = eval_step(state, parallel.put_local_batch(batch, mesh, batch_size))
-    sums = out if sums is None else jax.tree.map(jnp.add, sums, out)
+    window.add(out)
+    outs.append(out)
     for name, arrays in batch_scores.items():
       scores.setdefault(name, []).append(arrays)
-  sums = jax.device_get(sums)
+  sums = {k: sum(np.float64(out[k]) for out in jax.device_get(outs)) for k in outs[0]}
   count = float(sums.pop("count"))
   metrics = {k: float(v) / count for k, v in sums.items()}
   for name, parts in scores.items():
@@ -393,19 +395,24 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   # accum_impl="optax": the loss of every micro-batch is divided by the global batch's real-example count.
   micro_denominator = jax.jit(lambda mask: jnp.maximum(mask.sum(), 1.0) / accum_steps, out_shardings=replicated)
 
+  window = parallel.DispatchWindow()  # every program of the loop goes through it: see its docstring
+
   def run_update(train_step, state: TrainState) -> tuple[TrainState, list[dict]]:
     """One optimizer update on the next global batch (accum_impl="optax": one call per micro-batch)."""
     local_batch = next(train_iter)
     if not accum_by_optax:
       state, metrics = train_step(state, parallel.put_local_batch(local_batch, mesh, config.batch_size))
+      window.add(metrics)
       return state, [metrics]
     records = []
     global_mask = parallel.put_local_batch(local_batch["mask"], mesh, config.batch_size)
     denominator = micro_denominator(global_mask)
+    window.add(denominator)
     for i in range(accum_steps):  # micro-batch i holds examples i, i + A, i + 2A, ... as in the scan
       micro = jax.tree.map(lambda x: x[i::accum_steps], local_batch)
       micro = parallel.put_local_batch(micro, mesh, config.batch_size // accum_steps)
       state, metrics = train_step(state, micro, denominator, np.int32(i))
+      window.add(metrics)
       records.append(metrics)
     return state, records
 

@@ -14,7 +14,7 @@ for _flag in ("--xla_force_host_platform_device_count=8",
 os.environ["XLA_FLAGS"] = _flags.strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
-# Several programs with collectives in flight at once can deadlock the fake devices' shared
-# thread pool; running each CPU program to completion before the next is dispatched avoids it
-# (it only costs speed).
+# Single-device CPU programs run inline, in program order (determinism; multi-device programs are
+# always dispatched asynchronously: chainjax bounds how many run ahead with
+# `parallel.DispatchWindow`, which is what keeps 8 fake devices from deadlocking).
 os.environ.setdefault("JAX_CPU_ENABLE_ASYNC_DISPATCH", "false")
