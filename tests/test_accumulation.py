@@ -144,3 +144,26 @@ def test_accumulated_gradient_is_the_only_extra_parameter_sized_buffer():
 
   extra = temp_bytes(A, full) - temp_bytes(1, micro)
   assert extra <= 1.25 * param_bytes, (extra, param_bytes)
+
+
+def test_both_implementations_through_the_training_loop_match_the_big_batch(tmp_path):
+  """`train_and_evaluate` with `accum_impl` "scan" and "optax" (4 micro-batches) ends where the
+  4x larger batch ends: same global batches, same updates (SGD with momentum, a schedule that
+  changes every update), so a micro-batch denominator or step count that is off shows at once."""
+  import helpers
+
+  def final_params(name, **overrides):
+    config = load_config("default", "runlocal", total_steps=12, eval_every=12, checkpoint_every=12, **{
+        "data.d": 16, "optim.optimizer": "sgd", "optim.momentum": 0.9, "optim.learning_rate": 0.2,
+        "optim.schedule": "warmup_linear", "optim.warmup_steps": 3, **overrides})
+    final = train.train_and_evaluate(config, str(tmp_path / name))
+    return final, helpers.final_state(tmp_path / name)["tree"]["params"]
+
+  big_final, big = final_params("big")
+  for impl in ("scan", "optax"):
+    final, params = final_params(impl, **{"optim.accum_steps": A, "optim.accum_impl": impl})
+    assert final["step"] == big_final["step"] == 12
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), params, big)
+    assert final["eval/loss"] == pytest.approx(big_final["eval/loss"], rel=1e-5)
+  moved = max(float(np.max(np.abs(np.asarray(a)))) for a in jax.tree.leaves(big))
+  assert moved > 0

@@ -93,15 +93,23 @@ def test_masked_mean_ignores_padding():
   np.testing.assert_allclose(metrics["stage_1/loss"], l1[:20].mean(), rtol=1e-6)
 
 
-def test_decoupled_stage1_gradient_is_gradient_of_l1_alone():
+@pytest.mark.parametrize("i", [0, 1, 2])
+def test_decoupled_stage_gradient_is_gradient_of_its_own_loss_alone(i):
+  """In `decoupled`, stage i's body and head get the gradient of w_i * l_i and nothing else.
+
+  Checked at every stage, not just the first: a chain that cut only the 1->2 link would
+  still isolate stage 1, but stage 2 would then also learn from l_3.
+  """
   config = parity_config("decoupled")
   _, model, loss_fn, batch = setup(config)
+  assert loss_fn.weights == (0.5, 2.0, 1.0)  # distinct, so a stray term changes the gradient
   chain_grads = grads_of(model, lambda m: loss_fn(m(batch["inputs"], mode="decoupled"),
                                                   batch["labels"], batch["mask"])[0])
-  l1_grads = grads_of(model, lambda m: 0.5 * stage_loss(loss_fn, m, batch, 0))
-  s0 = chain_grads["stages"]["s0"]
-  assert float(optax.tree.norm(s0)) > 0
-  jax.tree.map(np.testing.assert_array_equal, s0, l1_grads["stages"]["s0"])
+  own_grads = grads_of(model, lambda m: loss_fn.weights[i] * stage_loss(loss_fn, m, batch, i))
+  name = f"s{i}"
+  for part in ("body", "head"):
+    assert float(optax.tree.norm(chain_grads["stages"][name][part])) > 0
+  jax.tree.map(np.testing.assert_array_equal, chain_grads["stages"][name], own_grads["stages"][name])
 
 
 def test_deep_supervision_stage1_gradient_is_sum_of_per_loss_gradients():
@@ -171,3 +179,104 @@ def test_consistency_term_is_kl_between_consecutive_heads_of_same_label_space():
   other = data_lib.LabelSpec("other", (), num_classes=3, default_loss="softmax_ce")
   loss_fn2 = chain_lib.ChainLoss("deep_supervision", (spec, other), ("softmax_ce",) * 2, (1.0, 1.0), 0.5)
   assert "consistency" not in loss_fn2(out, labels, jnp.ones(2))[1]
+
+
+def same_label_chain(mode, weights, consistency_weight, batch_size=32):
+  """A 3-stage MLP chain whose heads all predict one 3-class label, so both consistency terms are on."""
+  spec = data_lib.LabelSpec("class", (), num_classes=3, default_loss="softmax_ce")
+  cfgs = [stages.stage_config("mlp", name=f"s{i}", features=16, depth=1) for i in range(3)]
+  model = chain_lib.Chain(cfgs, (8,), jnp.float32, (spec,) * 3, rngs=nnx.Rngs(0))
+  loss_fn = chain_lib.ChainLoss(mode, (spec,) * 3, ("softmax_ce",) * 3, weights, consistency_weight)
+  rng = np.random.default_rng(0)
+  labels = jnp.asarray(rng.integers(0, 3, size=batch_size))
+  batch = {"inputs": jnp.asarray(rng.normal(size=(batch_size, 8)), jnp.float32),
+           "labels": (labels,) * 3, "mask": jnp.ones(batch_size)}
+  return model, loss_fn, batch
+
+
+def own_consistency_term(model, batch, i, weight):
+  """weight * KL(p_{i+1} || p_i) with p_{i+1} held fixed: what stage i alone should learn from (0 for the last)."""
+  if i == 2:
+    return jnp.zeros(())
+  preds = model(batch["inputs"], mode="decoupled").predictions
+  log_p = jax.nn.log_softmax(jax.lax.stop_gradient(preds[i + 1]))
+  log_q = jax.nn.log_softmax(preds[i])
+  return weight * jnp.mean(jnp.sum(jnp.exp(log_p) * (log_p - log_q), axis=-1))
+
+
+def test_decoupled_consistency_target_gets_no_gradient():
+  """KL(p_{i+1} || p_i) in `decoupled` pulls head i towards head i+1, never head i+1 towards head i.
+
+  With every w_i = 0 the chain loss is the consistency term alone: the last stage is only
+  ever a target, so its gradient is exactly zero; the first is only a learner, so its
+  gradient is not; the middle one learns from KL(p_3 || p_2) only, not from being p_1's target.
+  """
+  model, loss_fn, batch = same_label_chain("decoupled", (0.0, 0.0, 0.0), 0.5)
+  out = model(batch["inputs"], mode="decoupled")
+  total, metrics = loss_fn(out, batch["labels"], batch["mask"])
+  assert float(metrics["consistency"]) > 1e-4  # the heads disagree, so there is something to learn
+  np.testing.assert_allclose(total, 0.5 * metrics["consistency"], rtol=1e-6)
+  grads = grads_of(model, lambda m: loss_fn(m(batch["inputs"], mode="decoupled"), batch["labels"],
+                                            batch["mask"])[0])["stages"]
+  for leaf in jax.tree.leaves(grads["s2"]):
+    np.testing.assert_array_equal(leaf, np.zeros_like(leaf))
+  for part in ("body", "head"):
+    assert float(optax.tree.norm(grads["s0"][part])) > 1e-6
+  own = grads_of(model, lambda m: own_consistency_term(m, batch, 1, 0.5))["stages"]["s1"]
+  assert float(optax.tree.norm(own)) > 1e-6
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-8), grads["s1"], own)
+
+
+@pytest.mark.parametrize("i", [0, 1, 2])
+def test_decoupled_stage_gradient_with_consistency_is_own_loss_plus_own_term(i):
+  """With `consistency_weight` > 0, stage i's gradient is that of w_i * l_i + c * KL(sg(p_{i+1}) || p_i).
+
+  Neither the other stages' losses nor the consistency term that uses stage i's head as
+  its target may reach stage i.
+  """
+  weights, c = (0.5, 2.0, 1.0), 0.7
+  model, loss_fn, batch = same_label_chain("decoupled", weights, c)
+  chain_grads = grads_of(model, lambda m: loss_fn(m(batch["inputs"], mode="decoupled"), batch["labels"],
+                                                  batch["mask"])[0])["stages"][f"s{i}"]
+
+  def own_objective(m):
+    y = m(batch["inputs"], mode="decoupled").predictions[i]
+    l_i = jnp.mean(chain_lib.per_example_loss("softmax_ce", y, batch["labels"][i]))
+    return weights[i] * l_i + own_consistency_term(m, batch, i, c)
+
+  own_grads = grads_of(model, own_objective)["stages"][f"s{i}"]
+  for part in ("body", "head"):
+    assert float(optax.tree.norm(chain_grads[part])) > 0
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-8), chain_grads, own_grads)
+
+
+def test_progressive_keeps_frozen_stages_batchnorm_statistics_bit_identical():
+  """Phase j updates only stage j's BatchNorm running statistics; every other stage's stay bit for bit.
+
+  A frozen stage is still run in the forward pass of every phase; if it ran in training mode,
+  its running mean and variance would drift towards the current batches even though its
+  parameters are held, and its eval-time output would change behind the optimizer's back.
+  """
+  spec = data_lib.LabelSpec("bit")  # one binary label per example
+  cfgs = [stages.stage_config("conv", name=f"s{i}", features=(4,), norm="batch") for i in range(3)]
+  model = chain_lib.Chain(cfgs, (8, 8, 1), jnp.float32, (spec,) * 3, rngs=nnx.Rngs(0))  # 8 -> 4 -> 2 -> 1 px
+  loss_fn = chain_lib.ChainLoss("progressive", (spec,) * 3, ("sigmoid_bce",) * 3, (1.0, 1.0, 1.0))
+  tx = optax.adamw(1e-2, weight_decay=0.1)
+  graphdef, state = train.init_train_state(model, tx)
+  phase = 1
+  step = jax.jit(train.make_train_step(graphdef, loss_fn, tx, seed=0, phase=phase,
+                                       stage_names=("s0", "s1", "s2")))
+  before = nnx.to_pure_dict(state["rest"])["stages"]
+  assert all(len(jax.tree.leaves(before[f"s{i}"])) == 2 for i in range(3))  # mean and var of one BatchNorm
+  rng = np.random.default_rng(0)
+  for _ in range(3):
+    images = rng.normal(size=(16, 8, 8, 1)) * 3.0 + 1.0  # far from the initial mean 0, var 1
+    labels = jnp.asarray(rng.integers(0, 2, size=16), jnp.float32)
+    batch = {"inputs": jnp.asarray(images, jnp.float32), "labels": (labels,) * 3, "mask": jnp.ones(16)}
+    state, metrics = step(state, batch)
+    assert np.isfinite(float(metrics["loss"]))
+  after = nnx.to_pure_dict(state["rest"])["stages"]
+  for name in ("s0", "s2"):  # upstream and downstream of the trained stage
+    jax.tree.map(np.testing.assert_array_equal, before[name], after[name])
+  for old, new in zip(jax.tree.leaves(before["s1"]), jax.tree.leaves(after["s1"])):
+    assert np.abs(np.asarray(old) - np.asarray(new)).max() > 1e-4

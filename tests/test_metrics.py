@@ -85,3 +85,11 @@ def test_eval_auc_is_the_exact_auc_of_the_whole_padded_eval_set():
   expected = metrics.roc_auc(np.asarray(logits), labels[-1])
   assert result["eval/auc"] == result["eval/stage_3/auc"] == pytest.approx(expected, abs=1e-9)
   assert "eval/stage_1/auc" not in result  # stage 1 predicts 4 bits per example: no single ROC
+  # Loss and accuracy: the 300 real examples only (the last batch holds 20 padded rows), each counted once.
+  _, by_hand = loss_fn(model(jnp.asarray(inputs)), [jnp.asarray(y) for y in labels], jnp.ones(300))
+  for key in ("stage_1/loss", "stage_1/accuracy", "stage_2/loss", "stage_2/accuracy", "stage_3/loss",
+              "stage_3/accuracy"):
+    assert result[f"eval/{key}"] == pytest.approx(float(by_hand[key]), rel=1e-5), key
+  assert result["eval/loss"] == pytest.approx(sum(float(by_hand[f"stage_{i}/loss"]) * w for i, w in
+                                                  zip((1, 2, 3), config.chain.loss_weights)), rel=1e-5)
+  assert result["eval/accuracy"] == result["eval/stage_3/accuracy"]

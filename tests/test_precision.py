@@ -307,18 +307,30 @@ def test_fp16_compute_with_scaled_loss_matches_fp32_gradients():
     assert rel(unscaled16[name], reference[name]) > 0.5  # without scaling, fp16 loses the gradient
 
 
-def test_train_step_select_keeps_params_for_any_wrapping_order():
-  # Loss scale inside a chain that negates afterwards: -0.0 updates become +0.0, so plain
-  # apply_updates flips -0.0 params; the documented select on `is_finite_step` does not.
+def test_train_step_keeps_params_bit_identical_on_a_skipped_step_for_any_wrapping_order():
+  """`make_train_step` on a batch whose loss is NaN, with the loss scale inside a chain that negates
+  afterwards: -0.0 updates become +0.0, so a plain `apply_updates` would flip the -0.0 parameters;
+  the step's select on `is_finite_step` keeps every parameter's bits."""
+  from chainjax import chain as chain_lib
+  from chainjax import data as data_lib
+  from chainjax import train
+  from helpers import load_config
+
+  config = load_config("default", "runlocal", **{"data.d": 16})
+  task = data_lib.get_task(config)
+  model = chain_lib.build_chain(config, task, rngs=nnx.Rngs(0))
+  loss_fn = chain_lib.ChainLoss.from_config(config, task.label_specs)
   tx = optax.chain(precision.dynamic_loss_scale(optax.identity()), optax.scale(-1.0))
-  params = _params()
-  state = tx.init(params)
-  updates, new_state = tx.update(_grads(np.inf), state, params)
-  applied = optax.apply_updates(params, updates)
-  assert _bits(applied) != _bits(params)
-  finite = precision.is_finite_step(state, new_state)
-  kept = jax.tree.map(lambda new, old: jnp.where(finite, new, old), applied, params)
-  assert _bits(kept) == _bits(params)
+  graphdef, state = train.init_train_state(model, tx)
+  state["params"] = jax.tree.map(lambda p: p.at[..., 0].set(-0.0), state["params"])  # signed zeros
+  before = _bits(state["params"])
+  batch = jax.tree.map(jnp.asarray, task.train_batch(0, 32))
+  batch["inputs"] = batch["inputs"].at[0].set(jnp.nan)  # one poisoned example: NaN loss and gradient
+  step = jax.jit(train.make_train_step(graphdef, loss_fn, tx, seed=0, dynamic_loss_scale=True))
+  new_state, metrics = step(state, batch)
+  assert float(metrics["skipped"]) == 1.0 and float(metrics["skipped_steps"]) == 1.0
+  assert _bits(new_state["params"]) == before
+  assert int(new_state["step"]) == 1
 
 
 def test_docstring_examples_run():

@@ -356,9 +356,35 @@ def test_lstm_config_trains_with_the_exact_eval_auc_epoch_lines_and_the_vocab_in
   assert final["step"] == 32  # 2 epochs of 256 // 16
   vocab = text.Vocabulary.load(tmp_path / text.VOCAB_FILE)
   assert vocab == text.text_task(config, None).transform.vocab
-  assert 0.0 <= final["eval/auc"] <= 1.0 and final["eval/auc"] == final["eval/stage_3/auc"]
+  assert final["eval/auc"] == final["eval/stage_3/auc"] == pytest.approx(_auc_of_saved_model(config, tmp_path),
+                                                                          abs=1e-9)
   assert 0.0 <= final["train/auc"] <= 1.0
   lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("Epoch ")]
   assert len(lines) == 2 and lines[1].startswith("Epoch 2/2 - ")
   assert " - auc: " in lines[1] and " - val_auc: " in lines[1]
   assert [r["step"] for r in metrics.read_metrics(str(tmp_path))] == [16, 32]
+
+
+def _auc_of_saved_model(config, workdir) -> float:
+  """The ROC AUC of the final checkpoint's logits over the whole eval set, by counting every
+  (positive, negative) pair: what `eval/auc` must equal (not an average of per-batch AUCs)."""
+  import jax
+  import jax.numpy as jnp
+  from flax import nnx
+
+  from chainjax import chain as chain_lib
+  from chainjax import data as data_lib
+  from chainjax.data import base
+
+  task = data_lib.get_task(config, str(workdir))
+  graphdef, params, rest = nnx.split(chain_lib.build_chain(config, task, rngs=nnx.Rngs(0)), nnx.Param, ...)
+  saved = jax.tree.leaves(helpers.final_state(workdir)["tree"]["params"])  # same leaf order, {"value": x} nodes
+  nnx.replace_by_pure_dict(params, jax.tree.unflatten(jax.tree.structure(nnx.to_pure_dict(params)), saved))
+  model = nnx.merge(graphdef, params, rest)
+  batches = list(task.eval_iterator(config.eval_batch_size, base.Shard()))
+  scores = np.concatenate([np.asarray(model(jnp.asarray(b["inputs"])).predictions[-1]).ravel() for b in batches])
+  labels = np.concatenate([b["labels"][-1] for b in batches]).ravel() > 0.5
+  real = np.concatenate([b["mask"] for b in batches]) > 0
+  pos, neg = scores[real & labels], scores[real & ~labels]
+  wins = (pos[:, None] > neg[None, :]).sum() + 0.5 * (pos[:, None] == neg[None, :]).sum()
+  return float(wins / (len(pos) * len(neg)))
