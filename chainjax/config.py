@@ -8,6 +8,8 @@ compiles, and raises one `ConfigError` naming the field and the allowed values.
 
 from __future__ import annotations
 
+import math
+
 import ml_collections
 
 OPTIMIZERS = ("adam", "adamw", "sgd", "lamb", "adafactor", "lion")
@@ -211,6 +213,8 @@ def _check_schema(config, schema, prefix: str = "") -> None:
         _check_schema(value, default, field + ".")
     elif not _same_type(value, default):
       raise ConfigError(field, f"must be of type {_type_name(default)}, got {value!r} ({_type_name(value)})")
+    elif isinstance(default, float) and not math.isfinite(value):  # nan compares False, inf passes lower bounds
+      raise ConfigError(field, f"must be a finite number, got {value!r}")
 
 
 def _get(config, field: str):
@@ -313,8 +317,8 @@ def _validate_chain(config, task, stages_lib, chain_lib) -> None:
   weights = tuple(chain.loss_weights)
   if weights and len(weights) != len(stages):
     raise ConfigError("chain.loss_weights", f"has {len(weights)} entries for {len(stages)} stages")
-  if any(not isinstance(w, (int, float)) or w < 0 for w in weights):
-    raise ConfigError("chain.loss_weights", f"must be numbers >= 0, got {weights}")
+  if any(not isinstance(w, (int, float)) or not math.isfinite(w) or w < 0 for w in weights):
+    raise ConfigError("chain.loss_weights", f"must be finite numbers >= 0, got {weights}")
   phases = tuple(chain.phase_steps)
   if phases:
     if any(not isinstance(p, int) or p <= 0 for p in phases):
@@ -364,6 +368,8 @@ def _validate_optim(config, task) -> None:
   for field in ("decay_rate", "lr_decay_per_stage", "plateau_factor"):
     if not 0 < optim[field] <= 1:
       raise ConfigError(f"optim.{field}", f"must be in (0, 1], got {optim[field]!r}")
+  if optim.end_lr_factor > 1:  # learning_rate is the peak; the decay ends at learning_rate * end_lr_factor
+    raise ConfigError("optim.end_lr_factor", f"must be in [0, 1], got {optim.end_lr_factor!r}")
   if optim.plateau_min_scale > 1:
     raise ConfigError("optim.plateau_min_scale", f"must be in [0, 1], got {optim.plateau_min_scale!r}")
   if not optim.plateau_metric.startswith("eval/"):
@@ -373,8 +379,8 @@ def _validate_optim(config, task) -> None:
     raise ConfigError("optim.boundaries", f"must be update counts (ints >= 0), got {boundaries}")
   if any(b >= a for b, a in zip(boundaries, boundaries[1:])):
     raise ConfigError("optim.boundaries", f"must be strictly increasing, got {boundaries}")
-  if any(isinstance(s, bool) or not isinstance(s, (int, float)) or s < 0 for s in scales):
-    raise ConfigError("optim.scales", f"must be numbers >= 0, got {scales}")
+  if any(isinstance(s, bool) or not isinstance(s, (int, float)) or not math.isfinite(s) or s < 0 for s in scales):
+    raise ConfigError("optim.scales", f"must be finite numbers >= 0, got {scales}")
   if len(boundaries) != len(scales):
     raise ConfigError("optim.scales", f"has {len(scales)} entries for {len(boundaries)} boundaries")
 

@@ -1,5 +1,6 @@
 """The optimizer: per-stage chains, schedules (update n uses schedule(n)), plateau, clipping, decay."""
 
+import math
 import os
 import sys
 
@@ -142,10 +143,59 @@ def test_frozen_stage_is_bit_identical_after_jitted_updates():
   assert not np.signbit(optax.apply_updates(x, zero)["stages"]["s0"]["w"][0])
 
 
+def _reference_params(name, lr, weight_decay, steps, b1=0.9, b2=0.999, eps=1e-8, momentum=0.9):
+  """`steps` updates of `name` on sum((x - t)**2) for one stage of `stage_tree(1.0, 1.0)`, in float64 numpy.
+
+  Written out from each optimizer's published update rule (not from optax), with the
+  defaults of `base_config().optim` (b1, b2, eps, momentum) and the decay mask of
+  `optim.decay_mask` (kernel decayed, bias not). Returns {"kernel": [3, 4], "bias": [4]}.
+  """
+  out = {}
+  for leaf_name, shape in (("kernel", (3, 4)), ("bias", (4,))):
+    x = np.ones(shape)
+    t = np.linspace(-1.0, 0.5, x.size).reshape(shape)
+    wd = weight_decay if leaf_name == "kernel" else 0.0
+    m, v = np.zeros(shape), np.zeros(shape)
+    for k in range(1, steps + 1):
+      g = 2.0 * (x - t)
+      if name in ("adam", "adamw", "lamb"):  # Adam with bias correction; decoupled decay; LAMB's trust ratio
+        m, v = b1 * m + (1 - b1) * g, b2 * v + (1 - b2) * g * g
+        u = m / (1 - b1 ** k) / (np.sqrt(v / (1 - b2 ** k)) + eps) + wd * x
+        if name == "lamb":
+          u = u * np.linalg.norm(x) / np.linalg.norm(u)
+        x = x - lr * u
+      elif name == "sgd":  # heavy ball (trace = g + momentum * trace), then SGDW's LR-scaled decay
+        m = g + momentum * m
+        x = x - lr * (m + wd * x)
+      elif name == "lion":  # sign of the interpolation (b1), the momentum then tracks g with b2
+        u = np.sign((1 - b1) * g + b1 * m) + wd * x
+        m = b2 * m + (1 - b2) * g
+        x = x - lr * u
+      elif name == "adafactor":
+        # Unfactored (every dim < 128): v decays by 1 - k**-0.8; the update's block RMS is clipped
+        # at 1; the LR is scaled by the parameters' RMS (>= 1e-3); the decay is added after the LR.
+        beta = 1.0 - k ** -0.8
+        v = beta * v + (1 - beta) * (g * g + 1e-30)
+        u = g / np.sqrt(v)
+        u = u / max(1.0, np.sqrt(np.mean(u * u)))
+        x = x - (lr * u * max(np.sqrt(np.mean(x * x)), 1e-3) + wd * x)
+      else:
+        raise ValueError(name)
+    out[leaf_name] = x
+  return out
+
+
 @pytest.mark.parametrize("name,lr", [("adam", 0.05), ("adamw", 0.05), ("sgd", 0.05), ("lamb", 0.05),
                                      ("adafactor", 0.05), ("lion", 0.03)])
-def test_each_optimizer_reduces_a_quadratic(name, lr):
-  o = optim_config(optimizer=name, learning_rate=lr, weight_decay=0.0 if name == "adam" else 1e-4)
+def test_each_optimizer_follows_its_update_rule_on_a_quadratic(name, lr):
+  """60 jitted updates land where the optimizer's own update rule, written out in numpy, lands.
+
+  The quadratic's minimum is known, so "the loss went down" would pass for any wrong
+  hyperparameter (b1/b2 swapped, decay on biases, a missing bias correction or trust
+  ratio): every parameter and the final loss must match `_reference_params` instead.
+  """
+  wd = 0.0 if name == "adam" else 1e-4
+  o = optim_config(optimizer=name, learning_rate=lr, weight_decay=wd)
   tx = optim.build_optimizer(o, 100, ("a", "b"))
   params = stage_tree(kernel=1.0, bias=1.0)
   target = jax.tree.map(lambda p: jnp.linspace(-1.0, 0.5, p.size).reshape(p.shape), params)
@@ -159,8 +209,15 @@ def test_each_optimizer_reduces_a_quadratic(name, lr):
       return (optax.apply_updates(params, updates), state), None
     return jax.lax.scan(body, (params, tx.init(params)), None, length=60)[0][0]
 
-  start, end = float(loss(params)), float(loss(train(params)))
-  assert end < 0.25 * start, (name, start, end)
+  end = train(params)
+  ref = _reference_params(name, lr, wd, 60)
+  for stage in ("a", "b"):
+    for leaf_name in ("kernel", "bias"):
+      np.testing.assert_allclose(leaf(end, stage, leaf_name), ref[leaf_name], rtol=0, atol=2e-5,
+                                 err_msg=f"{name} {stage} {leaf_name}")
+  ref_loss = 2 * sum(np.sum((ref[k] - np.linspace(-1.0, 0.5, ref[k].size).reshape(ref[k].shape)) ** 2)
+                     for k in ref)  # two stages with the same leaves
+  assert float(loss(end)) == pytest.approx(ref_loss, rel=1e-4, abs=1e-6), name
 
 
 def test_old_call_without_stage_names_still_builds():
@@ -176,13 +233,54 @@ def test_old_call_without_stage_names_still_builds():
 # Schedules.
 # --------------------------------------------------------------------------------------------
 
-SCHEDULE_FIELDS = dict(learning_rate=0.1, warmup_steps=3, end_lr_factor=0.1, decay_rate=0.5, steps_per_epoch=4,
+def closed_form_lr(o, n, total, steps_per_epoch=0):
+  """The LR of update n (0-based), written out from the schedule's definition (not from optax).
+
+  lr = o.learning_rate (the peak), W = o.warmup_steps, T = total, end = lr * o.end_lr_factor:
+    constant, reduce_on_plateau  lr (the plateau scale lives in the optimizer state)
+    warmup_cosine                n < W: lr * n / W;  else end + (lr - end) * (1 + cos(pi * p)) / 2
+    warmup_linear                n < W: lr * n / W;  else lr + (end - lr) * p
+                                 with p = min(n - W, T - W) / (T - W): 0 at the peak, 1 from n = T on
+    exponential_per_epoch        lr * decay_rate ** floor(n / steps_per_epoch)  (config's, else the data's)
+    piecewise_constant           lr * prod(scale_i for every boundary_i <= n)
+  """
+  lr, warmup, name = o.learning_rate, o.warmup_steps, o.schedule
+  if name in ("constant", "reduce_on_plateau"):
+    return lr
+  if name in ("warmup_cosine", "warmup_linear"):
+    if n < warmup:
+      return lr * n / warmup
+    end = lr * o.end_lr_factor
+    p = min(n - warmup, total - warmup) / (total - warmup)
+    if name == "warmup_cosine":
+      return end + (lr - end) * (1 + math.cos(math.pi * p)) / 2
+    return lr + (end - lr) * p
+  if name == "exponential_per_epoch":
+    return lr * o.decay_rate ** (n // (o.steps_per_epoch or steps_per_epoch))
+  if name == "piecewise_constant":
+    return lr * math.prod(s for b, s in zip(o.boundaries, o.scales) if n >= b)
+  raise AssertionError(f"no closed form for schedule {name!r}: add it here")
+
+
+def _values(schedule, steps):
+  return np.array([float(schedule(n)) for n in steps])
+
+
+# Chosen so that every shape has a middle and an end inside 12 updates: the warmup ends at
+# update 4, the decay's midpoint is update 8 = 4 + (12 - 4) / 2, epochs are 4 updates long,
+# and the piecewise boundaries fall inside the run.
+SCHEDULE_FIELDS = dict(learning_rate=0.1, warmup_steps=4, end_lr_factor=0.1, decay_rate=0.5, steps_per_epoch=4,
                        boundaries=(2, 5), scales=(0.5, 0.1), optimizer="sgd", momentum=0.0)
 
 
 @pytest.mark.parametrize("schedule", config_lib.SCHEDULES)
 def test_update_n_uses_schedule_of_n(schedule):
-  """Linear loss, sgd without momentum: update n = -lr_n * grad, so lr_n is read off the update."""
+  """Linear loss, sgd without momentum: update n = -lr_n * grad, so lr_n is read off the update.
+
+  Every update of both stages (stage b with its own peak 0.3, its end LR 0.3 *
+  end_lr_factor) and the logged `train/lr/<stage>` must equal the closed form. Runs for
+  every name in `config.SCHEDULES`: a new schedule without a closed form fails here.
+  """
   total = 12
   o = optim_config(schedule=schedule, per_stage={"b": {"learning_rate": 0.3}}, **SCHEDULE_FIELDS)
   schedules = optim.stage_schedules(o, total, ("a", "b"))
@@ -190,32 +288,135 @@ def test_update_n_uses_schedule_of_n(schedule):
   grads = jax.tree.map(lambda p: jnp.full_like(p, 2.0), params)  # d/dp of 2 * sum(p)
   history, _, _ = run_updates(optim.build_optimizer(o, total, ("a", "b")), params, grads, total)
   for stage, peak in (("a", 0.1), ("b", 0.3)):
+    stage_o = optim_config(schedule=schedule, **{**SCHEDULE_FIELDS, "learning_rate": peak})
+    expected = np.array([closed_form_lr(stage_o, n, total) for n in range(total)])
     measured = np.array([leaf(u, stage)[0, 0] / -2.0 for u in history])
-    expected = np.array([float(schedules[stage](n)) for n in range(total)])
     np.testing.assert_allclose(measured, expected, rtol=1e-5, atol=1e-9, err_msg=f"{schedule} {stage}")
-    assert np.max(expected) == pytest.approx(peak, rel=1e-5)
-  default_schedule = optim.build_schedule(o, total)
-  np.testing.assert_allclose(expected / 3.0, [float(default_schedule(n)) for n in range(total)], rtol=1e-5)
-  if schedule.startswith("warmup"):
-    assert expected[0] == 0.0 and expected[3] == pytest.approx(0.3)
+    logged = [optim.stage_learning_rates(schedules, n)[f"train/lr/{stage}"] for n in range(total)]
+    np.testing.assert_allclose(logged, expected, rtol=1e-5, atol=1e-9, err_msg=f"{schedule} {stage} logged")
+  np.testing.assert_allclose(_values(optim.build_schedule(o, total), range(total)),
+                             [closed_form_lr(o, n, total) for n in range(total)], rtol=1e-5, atol=1e-9)
 
 
-def test_exponential_per_epoch_is_a_staircase():
-  o = optim_config(schedule="exponential_per_epoch", learning_rate=1.0, decay_rate=0.1)
+@pytest.mark.parametrize("schedule", ["constant", "reduce_on_plateau"])
+def test_constant_schedules_closed_form(schedule):
+  """lr at every update, also past total_steps (reduce_on_plateau's scale is in the opt state)."""
+  sched = optim.build_schedule(optim_config(schedule=schedule, learning_rate=0.2, warmup_steps=5,
+                                            end_lr_factor=0.1), 20)
+  np.testing.assert_allclose(_values(sched, [0, 1, 5, 10, 19, 20, 1000]), 0.2, rtol=1e-6)
+
+
+@pytest.mark.parametrize("end_lr_factor", [0.0, 0.1, 0.25])
+def test_warmup_cosine_closed_form(end_lr_factor):
+  """Linear warmup from 0 over W updates to the peak lr, then half a cosine down to lr * end_lr_factor.
+
+  lr = 0.2, W = 4, T = 20: the decay spans updates 4..20, its middle is update 12, and
+  update T = 20 (the count after the run's last update, 19) is where the end value is reached.
+  """
+  lr, warmup, total = 0.2, 4, 20
+  end = lr * end_lr_factor
+  o = optim_config(schedule="warmup_cosine", learning_rate=lr, warmup_steps=warmup, end_lr_factor=end_lr_factor)
+  sched = optim.build_schedule(o, total)
+  points = {
+      0: 0.0,  # warmup starts at 0
+      1: lr * 1 / 4,
+      3: lr * 3 / 4,  # last warmup update
+      4: lr,  # end of warmup: the peak
+      8: end + (lr - end) * (1 + math.cos(math.pi * 4 / 16)) / 2,
+      12: end + (lr - end) / 2,  # middle of the decay: cos(pi / 2) = 0
+      19: end + (lr - end) * (1 + math.cos(math.pi * 15 / 16)) / 2,  # the run's last update
+      20: end,  # final: lr * end_lr_factor
+      30: end,  # held after the end
+  }
+  np.testing.assert_allclose(_values(sched, points), list(points.values()), rtol=1e-5, atol=1e-8)
+  assert float(sched(0)) == 0.0
+  np.testing.assert_allclose(_values(sched, range(31)), [closed_form_lr(o, n, total) for n in range(31)],
+                             rtol=1e-5, atol=1e-8)
+  assert int(np.argmax(_values(sched, range(31)))) == warmup  # the peak is update W, and only W
+  if end_lr_factor == 0.1:  # the same points as literals: 0.02 + 0.18 * (1 + cos) / 2
+    np.testing.assert_allclose(_values(sched, [2, 12, 20]), [0.1, 0.11, 0.02], rtol=1e-5)
+
+
+@pytest.mark.parametrize("end_lr_factor", [0.0, 0.1, 0.25])
+def test_warmup_linear_closed_form(end_lr_factor):
+  """Linear warmup from 0 over W updates to the peak lr, then a straight line to lr * end_lr_factor at T."""
+  lr, warmup, total = 0.2, 4, 20
+  end = lr * end_lr_factor
+  o = optim_config(schedule="warmup_linear", learning_rate=lr, warmup_steps=warmup, end_lr_factor=end_lr_factor)
+  sched = optim.build_schedule(o, total)
+  points = {
+      0: 0.0,
+      1: lr * 1 / 4,
+      3: lr * 3 / 4,
+      4: lr,  # the peak
+      8: lr + (end - lr) * 4 / 16,
+      12: lr + (end - lr) * 8 / 16,  # middle of the decay
+      19: lr + (end - lr) * 15 / 16,  # the run's last update
+      20: end,  # final: lr * end_lr_factor
+      30: end,
+  }
+  np.testing.assert_allclose(_values(sched, points), list(points.values()), rtol=1e-5, atol=1e-8)
+  assert float(sched(0)) == 0.0
+  np.testing.assert_allclose(_values(sched, range(31)), [closed_form_lr(o, n, total) for n in range(31)],
+                             rtol=1e-5, atol=1e-8)
+  steps = np.diff(_values(sched, range(4, 21)))
+  np.testing.assert_allclose(steps, (end - lr) / 16, rtol=1e-4, atol=1e-9)  # constant slope: a straight line
+  if end_lr_factor == 0.1:
+    np.testing.assert_allclose(_values(sched, [2, 12, 20]), [0.1, 0.11, 0.02], rtol=1e-5)
+
+
+@pytest.mark.parametrize("schedule", ["warmup_cosine", "warmup_linear"])
+def test_warmup_schedules_without_warmup_start_at_the_peak(schedule):
+  """warmup_steps = 0: update 0 already uses lr, the decay spans all T updates."""
+  lr, total = 0.2, 10
+  o = optim_config(schedule=schedule, learning_rate=lr, warmup_steps=0, end_lr_factor=0.5)
+  sched = optim.build_schedule(o, total)
+  np.testing.assert_allclose(_values(sched, [0, 5, 10, 11]), [0.2, 0.15, 0.1, 0.1], rtol=1e-5)  # (0.2 + 0.1) / 2
+  np.testing.assert_allclose(_values(sched, range(12)), [closed_form_lr(o, n, total) for n in range(12)],
+                             rtol=1e-5, atol=1e-8)
+
+
+def test_exponential_per_epoch_closed_form():
+  """lr * decay_rate ** floor(n / steps_per_epoch): a staircase that drops at the first update of each epoch."""
+  lr, rate = 0.2, 0.5
+  o = optim_config(schedule="exponential_per_epoch", learning_rate=lr, decay_rate=rate)
   sched = optim.build_schedule(o, 100, steps_per_epoch=3)  # epoch length from the data
-  np.testing.assert_allclose([float(sched(n)) for n in range(9)], [1, 1, 1, .1, .1, .1, .01, .01, .01], rtol=1e-5)
-  o.steps_per_epoch = 2  # the config overrides the data
+  points = {0: lr, 2: lr,  # epoch 0: updates 0..2
+            3: lr * rate, 4: lr * rate, 5: lr * rate,  # epoch 1 starts at update 3
+            6: lr * rate ** 2, 8: lr * rate ** 2, 9: lr * rate ** 3, 30: lr * rate ** 10}
+  np.testing.assert_allclose(_values(sched, points), list(points.values()), rtol=1e-5)
+  np.testing.assert_allclose(_values(sched, range(31)), [closed_form_lr(o, n, 100, 3) for n in range(31)],
+                             rtol=1e-5)
+  np.testing.assert_allclose(_values(sched, [2, 3, 5, 6]), [0.2, 0.1, 0.1, 0.05], rtol=1e-5)  # as literals
+  o.steps_per_epoch = 5  # the config overrides the data
   sched = optim.build_schedule(o, 100, steps_per_epoch=3)
-  np.testing.assert_allclose([float(sched(n)) for n in range(5)], [1, 1, .1, .1, .01], rtol=1e-5)
+  np.testing.assert_allclose(_values(sched, [0, 4, 5, 9, 10, 11]),
+                             [lr, lr, lr * rate, lr * rate, lr * rate ** 2, lr * rate ** 2], rtol=1e-5)
+  np.testing.assert_allclose(_values(sched, range(31)), [closed_form_lr(o, n, 100) for n in range(31)], rtol=1e-5)
   o.steps_per_epoch = 0
   with pytest.raises(ValueError, match="steps_per_epoch"):
     optim.build_optimizer(o, 100, ("a",))
 
 
-def test_piecewise_constant_values():
-  o = optim_config(schedule="piecewise_constant", learning_rate=1.0, boundaries=(2, 5), scales=(0.5, 0.1))
+@pytest.mark.parametrize("boundaries,scales", [((3, 7), (0.5, 0.1)), ((0, 4, 6), (0.5, 2.0, 0.25))])
+def test_piecewise_constant_closed_form(boundaries, scales):
+  """lr * prod(scales[i] for boundaries[i] <= n): a boundary is the first update at the new LR; the
+  scales multiply (cumulative, as `optax.piecewise_constant_schedule`)."""
+  lr = 0.2
+  o = optim_config(schedule="piecewise_constant", learning_rate=lr, boundaries=boundaries, scales=scales)
   sched = optim.build_schedule(o, 100)
-  np.testing.assert_allclose([float(sched(n)) for n in range(7)], [1, 1, .5, .5, .5, .05, .05], rtol=1e-6)
+  for i, b in enumerate(boundaries):
+    before, after = lr * math.prod(scales[:i]), lr * math.prod(scales[:i + 1])
+    if b > 0:
+      assert float(sched(b - 1)) == pytest.approx(before, rel=1e-6), (b, "just before")
+    assert float(sched(b)) == pytest.approx(after, rel=1e-6), (b, "at")
+    assert float(sched(b + 1)) == pytest.approx(after, rel=1e-6), (b, "just after")
+  assert float(sched(1000)) == pytest.approx(lr * math.prod(scales), rel=1e-6)
+  np.testing.assert_allclose(_values(sched, range(12)), [closed_form_lr(o, n, 100) for n in range(12)], rtol=1e-6)
+  if boundaries == (3, 7):  # as literals
+    np.testing.assert_allclose(_values(sched, [2, 3, 4, 6, 7, 8]), [0.2, 0.1, 0.1, 0.1, 0.01, 0.01], rtol=1e-6)
+  with pytest.raises(ValueError, match="boundaries"):
+    optim.build_schedule(optim_config(schedule="piecewise_constant", boundaries=boundaries, scales=scales[:1]), 100)
 
 
 # --------------------------------------------------------------------------------------------
