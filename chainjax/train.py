@@ -11,6 +11,7 @@ import dataclasses
 import json
 import os
 import time
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -225,7 +226,7 @@ def _host_array(x: jax.Array) -> np.ndarray:
 
 
 def evaluate(eval_step, state: TrainState, batches, mesh, batch_size: int, num_stages: int,
-             prefix: str = "eval") -> dict[str, float]:
+             prefix: str = "eval", heartbeat: Callable[[], None] = lambda: None) -> dict[str, float]:
   """Metrics over a whole held-out set of process-local padded `batches` (padding masked out).
 
   `<prefix>/loss`, `<prefix>/stage_<i>/{loss,accuracy}`, and the exact ROC AUC
@@ -236,6 +237,7 @@ def evaluate(eval_step, state: TrainState, batches, mesh, batch_size: int, num_s
   for batch in batches:
     out, batch_scores = eval_step(state, parallel.put_local_batch(batch, mesh, batch_size))
     window.add(out)
+    heartbeat()
     outs.append(out)
     for name, arrays in batch_scores.items():
       scores.setdefault(name, []).append(arrays)
@@ -323,10 +325,13 @@ def _resolve_epochs(config: ml_collections.ConfigDict, task) -> tuple[ml_collect
   return config, steps_per_epoch
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
+                       heartbeat: Callable[[], None] = lambda: None) -> dict[str, float]:
   """Trains `config` in `workdir` (resuming from its latest good checkpoint); returns final metrics.
 
-  Raises `config.ConfigError` (before anything is written) for a bad config or dataset.
+  `heartbeat()` is called whenever a train step or an eval batch completes (a watchdog's
+  sign of life). Raises `config.ConfigError` (before anything is written) for a bad config
+  or dataset.
   """
   task = config_lib.validate(config, jax.device_count(), workdir=workdir)
   config, steps_per_epoch = _resolve_epochs(config, task)
@@ -439,6 +444,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       if phase not in train_steps:
         train_steps[phase] = jit_train_step(phase)
       state, step_records = run_update(train_steps[phase], state)
+      heartbeat()
       step += 1
       step_metrics = step_records[-1]
       train_records.extend(step_records)
@@ -467,7 +473,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                                                      precision.get_policy(config.precision.policy)),
                                       in_shardings=(state_shardings, parallel.batch_sharding(mesh)))
         record.update(evaluate(eval_steps[phase], state, task.eval_iterator(config.eval_batch_size, shard), mesh,
-                               config.eval_batch_size, len(task.label_specs)))
+                               config.eval_batch_size, len(task.label_specs), heartbeat=heartbeat))
         if optim_lib.uses_plateau(config.optim):  # reduce-on-plateau: the scale lives in the opt state
           state["opt_state"] = jax.device_put(
               optim_lib.report_eval_metric(state["opt_state"], record[config.optim.plateau_metric]),
@@ -478,7 +484,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
           test_batches = task.test_iterator(config.eval_batch_size, shard)
         if test_batches is not None:  # the test split, once, with the final parameters
           record.update(evaluate(eval_steps[phase], state, test_batches, mesh, config.eval_batch_size,
-                                 len(task.label_specs), prefix="test"))
+                                 len(task.label_specs), prefix="test", heartbeat=heartbeat))
         writer.write(step, record)
         progress.clear()
         if config.num_epochs > 0:
