@@ -56,6 +56,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.checkpoint_every = 500
   c.log_every = 50
   c.max_to_keep = 3
+  # Stop (exit 3) when the train loss exceeds this many times its first logged value; 0 = off.
+  c.divergence_factor = 1000.0
 
   c.data = ml_collections.ConfigDict()
   c.data.name = "parity"
@@ -169,7 +171,7 @@ _POSITIVE = ("batch_size", "eval_batch_size", "total_steps", "eval_every", "chec
              "log_every", "max_to_keep", "optim.accum_steps", "mesh.model", "data.eval_size", "data.d", "data.levels", "data.num_images",
              "data.vocab_size", "data.max_len", "data.train_size",
              "optim.learning_rate", "optim.eps", "optim.plateau_patience")
-_NON_NEGATIVE = ("seed", "data.seed", "data.num_threads", "data.prefetch", "chain.consistency_weight", "optim.warmup_steps",
+_NON_NEGATIVE = ("seed", "divergence_factor", "data.seed", "data.num_threads", "data.prefetch", "chain.consistency_weight", "optim.warmup_steps",
                  "optim.end_lr_factor", "optim.momentum", "optim.weight_decay", "optim.grad_clip_norm",
                  "optim.steps_per_epoch", "optim.plateau_min_scale", "optim.plateau_min_delta",
                  "early_stopping.patience", "early_stopping.min_delta")
@@ -250,6 +252,8 @@ def validate(config: ml_collections.ConfigDict, num_devices: int = 1, workdir: s
   for field in _NON_NEGATIVE:
     if not _get(config, field) >= 0:
       raise ConfigError(field, f"must be >= 0, got {_get(config, field)!r}")
+  if 0 < config.divergence_factor <= 1:
+    raise ConfigError("divergence_factor", f"must be > 1 (or 0 = off), got {config.divergence_factor!r}")
   if config.batch_size % num_devices:
     raise ConfigError("batch_size", f"{config.batch_size} is not divisible by the {num_devices} devices; "
                       f"use a multiple of {num_devices}")

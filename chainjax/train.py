@@ -7,6 +7,7 @@ stop, checkpoint) -> final metrics.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -39,6 +40,10 @@ TrainState = dict  # {"step", "params", "rest", "opt_state", "nonfinite_step"}
 
 class NonFiniteLossError(FloatingPointError):
   """The loss became NaN or infinite; the message names the train step."""
+
+
+class DivergedError(NonFiniteLossError):
+  """The loss grew past `config.divergence_factor` times its first logged value (handled as NaN is)."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -312,6 +317,16 @@ def _check_finite(state: TrainState) -> None:
                              "without checkpointing it (lower optim.learning_rate or set optim.grad_clip_norm)")
 
 
+def _check_divergence(config: ml_collections.ConfigDict, step: int, loss: float, reference: float | None) -> None:
+  """Raises `DivergedError` when `loss` exceeds `config.divergence_factor` times `reference`."""
+  if config.divergence_factor and reference and reference > 0 and loss > config.divergence_factor * reference:
+    raise DivergedError(
+        f"the loss diverged at train step {step}: {loss:.4g} is more than config.divergence_factor="
+        f"{config.divergence_factor:g} times its first logged value {reference:.4g}; the run stopped without "
+        "checkpointing it (lower optim.learning_rate or set optim.grad_clip_norm; divergence_factor=0 turns "
+        "this check off)")
+
+
 def _resolve_epochs(config: ml_collections.ConfigDict, task) -> tuple[ml_collections.ConfigDict, int]:
   """(config with `total_steps` in updates, steps per epoch); epoch runs eval and checkpoint every epoch."""
   steps_per_epoch = getattr(task, "train_size", 0) // config.batch_size
@@ -433,80 +448,92 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   train_records: list[dict] = []
   interval_start, interval_steps = None, 0
   final_metrics: dict[str, float] = dict(meta.get("final_metrics") or {})
+  reference_loss: float | None = meta.get("reference_loss")  # the run's first logged train loss
   stop = preempted = False
   epoch_start = time.perf_counter()
-  with jax.set_mesh(mesh), preemption_lib.Preemption(step) as preemption:
-    while step < config.total_steps and not (stop or preempted):
-      phase = phase_of(step)
-      if progressive and phase > 0 and step == phase_starts[phase]:
-        state["opt_state"] = jax.jit(txs[phase].init, out_shardings=state_shardings["opt_state"])(
-            state["params"])
-      if phase not in train_steps:
-        train_steps[phase] = jit_train_step(phase)
-      state, step_records = run_update(train_steps[phase], state)
-      heartbeat()
-      step += 1
-      step_metrics = step_records[-1]
-      train_records.extend(step_records)
-      if interval_start is None:  # the first step compiles: time from after it
-        jax.block_until_ready(step_metrics)
-        interval_start, interval_steps, train_records = time.perf_counter(), 0, step_records
-      else:
-        interval_steps += 1
-
-      if step % config.log_every == 0 or step == config.total_steps:
-        _check_finite(state)
-        progress.update(step, float(jax.device_get(step_metrics["loss"])))
-
-      if step % config.eval_every == 0 or step == config.total_steps:
-        _check_finite(state)
-        train_summary = metrics_lib.mean_metrics(jax.device_get(train_records))
-        elapsed = time.perf_counter() - interval_start
-        record = _with_headline(train_summary, "train", len(task.label_specs))
-        last_update = step - 1 - phase_starts[phase or 0]  # 0-based, within its progressive phase
-        record.update(optim_lib.stage_learning_rates(lr_schedules[phase or 0], last_update, state["opt_state"]))
-        if interval_steps:
-          record["train/steps_per_sec"] = interval_steps / elapsed
-          record["train/examples_per_sec"] = interval_steps * config.batch_size / elapsed
-        if phase not in eval_steps:
-          eval_steps[phase] = jax.jit(make_eval_step(graphdef, loss_fn, phase,
-                                                     precision.get_policy(config.precision.policy)),
-                                      in_shardings=(state_shardings, parallel.batch_sharding(mesh)))
-        record.update(evaluate(eval_steps[phase], state, task.eval_iterator(config.eval_batch_size, shard), mesh,
-                               config.eval_batch_size, len(task.label_specs), heartbeat=heartbeat))
-        if optim_lib.uses_plateau(config.optim):  # reduce-on-plateau: the scale lives in the opt state
-          state["opt_state"] = jax.device_put(
-              optim_lib.report_eval_metric(state["opt_state"], record[config.optim.plateau_metric]),
-              state_shardings["opt_state"])
-        stop = stopper.update(step, record)
-        test_batches = None
-        if (stop or step == config.total_steps) and hasattr(task, "test_iterator"):
-          test_batches = task.test_iterator(config.eval_batch_size, shard)
-        if test_batches is not None:  # the test split, once, with the final parameters
-          record.update(evaluate(eval_steps[phase], state, test_batches, mesh, config.eval_batch_size,
-                                 len(task.label_specs), prefix="test", heartbeat=heartbeat))
-        writer.write(step, record)
-        progress.clear()
-        if config.num_epochs > 0:
-          now = time.perf_counter()
-          logging.info(metrics_lib.epoch_line(-(-step // steps_per_epoch), config.num_epochs, now - epoch_start,
-                                              record))
-          epoch_start = now
+  try:
+    with jax.set_mesh(mesh), preemption_lib.Preemption(step) as preemption:
+      while step < config.total_steps and not (stop or preempted):
+        phase = phase_of(step)
+        if progressive and phase > 0 and step == phase_starts[phase]:
+          state["opt_state"] = jax.jit(txs[phase].init, out_shardings=state_shardings["opt_state"])(
+              state["params"])
+        if phase not in train_steps:
+          train_steps[phase] = jit_train_step(phase)
+        state, step_records = run_update(train_steps[phase], state)
+        heartbeat()
+        step += 1
+        step_metrics = step_records[-1]
+        train_records.extend(step_records)
+        if interval_start is None:  # the first step compiles: time from after it
+          jax.block_until_ready(step_metrics)
+          interval_start, interval_steps, train_records = time.perf_counter(), 0, step_records
         else:
-          logging.info(metrics_lib.keras_line(step, record))
-        final_metrics = {"step": step, **record}
-        if stop:
-          logging.info("Early stopping at step %d: %s has not improved for %d evals (best %.4f at step %d).",
-                       step, stopper.metric, stopper.patience, stopper.best, stopper.best_step)
-        train_records, interval_start, interval_steps = [], time.perf_counter(), 0
+          interval_steps += 1
 
-      preempted = preemption.should_stop(step) and not (stop or step == config.total_steps)  # same step everywhere
-      if step % config.checkpoint_every == 0 or step == config.total_steps or stop or preempted:
-        _check_finite(state)
-        finished = stop or step == config.total_steps
-        checkpointer.save(step, state, {"early_stopping": stopper.to_json(), "finished": finished,
-                                        "final_metrics": final_metrics if finished else None},
-                          data_state=train_iter.get_state())
+        if step % config.log_every == 0 or step == config.total_steps:
+          _check_finite(state)
+          loss = float(jax.device_get(step_metrics["loss"]))
+          _check_divergence(config, step, loss, reference_loss)
+          reference_loss = loss if reference_loss is None else reference_loss
+          progress.update(step, loss)
+
+        if step % config.eval_every == 0 or step == config.total_steps:
+          _check_finite(state)
+          train_summary = metrics_lib.mean_metrics(jax.device_get(train_records))
+          elapsed = time.perf_counter() - interval_start
+          record = _with_headline(train_summary, "train", len(task.label_specs))
+          last_update = step - 1 - phase_starts[phase or 0]  # 0-based, within its progressive phase
+          record.update(optim_lib.stage_learning_rates(lr_schedules[phase or 0], last_update, state["opt_state"]))
+          if interval_steps:
+            record["train/steps_per_sec"] = interval_steps / elapsed
+            record["train/examples_per_sec"] = interval_steps * config.batch_size / elapsed
+          if phase not in eval_steps:
+            eval_steps[phase] = jax.jit(make_eval_step(graphdef, loss_fn, phase,
+                                                       precision.get_policy(config.precision.policy)),
+                                        in_shardings=(state_shardings, parallel.batch_sharding(mesh)))
+          record.update(evaluate(eval_steps[phase], state, task.eval_iterator(config.eval_batch_size, shard), mesh,
+                                 config.eval_batch_size, len(task.label_specs), heartbeat=heartbeat))
+          if optim_lib.uses_plateau(config.optim):  # reduce-on-plateau: the scale lives in the opt state
+            state["opt_state"] = jax.device_put(
+                optim_lib.report_eval_metric(state["opt_state"], record[config.optim.plateau_metric]),
+                state_shardings["opt_state"])
+          stop = stopper.update(step, record)
+          test_batches = None
+          if (stop or step == config.total_steps) and hasattr(task, "test_iterator"):
+            test_batches = task.test_iterator(config.eval_batch_size, shard)
+          if test_batches is not None:  # the test split, once, with the final parameters
+            record.update(evaluate(eval_steps[phase], state, test_batches, mesh, config.eval_batch_size,
+                                   len(task.label_specs), prefix="test", heartbeat=heartbeat))
+          writer.write(step, record)
+          progress.clear()
+          if config.num_epochs > 0:
+            now = time.perf_counter()
+            logging.info(metrics_lib.epoch_line(-(-step // steps_per_epoch), config.num_epochs, now - epoch_start,
+                                                record))
+            epoch_start = now
+          else:
+            logging.info(metrics_lib.keras_line(step, record))
+          final_metrics = {"step": step, **record}
+          if stop:
+            logging.info("Early stopping at step %d: %s has not improved for %d evals (best %.4f at step %d).",
+                         step, stopper.metric, stopper.patience, stopper.best, stopper.best_step)
+          train_records, interval_start, interval_steps = [], time.perf_counter(), 0
+
+        preempted = preemption.should_stop(step) and not (stop or step == config.total_steps)  # same step everywhere
+        if step % config.checkpoint_every == 0 or step == config.total_steps or stop or preempted:
+          _check_finite(state)
+          _check_divergence(config, step, float(jax.device_get(step_metrics["loss"])), reference_loss)
+          finished = stop or step == config.total_steps
+          checkpointer.save(step, state, {"early_stopping": stopper.to_json(), "finished": finished,
+                                          "final_metrics": final_metrics if finished else None,
+                                          "reference_loss": reference_loss},
+                            data_state=train_iter.get_state())
+  except BaseException:  # NaN, divergence, a failed save, Ctrl-C: finish the last good save, close the writers
+    with contextlib.suppress(Exception):
+      checkpointer.close()
+    writer.close()
+    raise
 
   checkpointer.wait_until_finished()
   checkpointer.close()

@@ -98,6 +98,31 @@ def test_nonfinite_loss_stops_with_step_and_keeps_last_good_checkpoint(tmp_path)
   assert not os.path.exists(tmp_path / "checkpoints") or checkpoint_steps(tmp_path) == []
 
 
+def _diverging_config(**overrides):
+  # Adam at LR 100 from step 6 on (a piecewise schedule): the loss leaves its first value behind at
+  # once but stays finite, which the NaN check alone never flags.
+  return load_config("default", "runlocal", total_steps=40, eval_every=20, checkpoint_every=5, log_every=5,
+                     **{"optim.schedule": "piecewise_constant", "optim.learning_rate": 1e-3,
+                        "optim.boundaries": (6,), "optim.scales": (1e5,), **overrides})
+
+
+def test_a_diverging_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path):
+  with pytest.raises(train.DivergedError) as info:
+    train.train_and_evaluate(_diverging_config(), str(tmp_path))
+  assert isinstance(info.value, train.NonFiniteLossError)  # the same exit code (3) as NaN
+  match = re.search(r"diverged at train step (\d+): (\S+) is more than config.divergence_factor=1000 times its "
+                    r"first logged value (\S+);", str(info.value))
+  assert match, str(info.value)
+  step, loss, first = int(match.group(1)), float(match.group(2)), float(match.group(3))
+  assert step in (10, 15, 20) and loss > 1000 * first
+  assert checkpoint_steps(tmp_path) == [5]  # saved before the LR jumped; nothing diverged was kept
+
+
+def test_divergence_check_off_with_zero(tmp_path):
+  final = train.train_and_evaluate(_diverging_config(divergence_factor=0.0), str(tmp_path))
+  assert final["step"] == 40 and checkpoint_steps(tmp_path)[-1] == 40
+
+
 def test_runlocal_line_parity(tmp_path):
   """Per-image CNN stage with per-image head, its k scores passed to the parity stage: in 20 updates
   of deep supervision the per-image head already learns (parity needs longer)."""
