@@ -41,6 +41,17 @@ What guarantees what when saving:
   * Old steps beyond `max_to_keep` are deleted by Orbax only after the new step
     has committed; if the background write fails, nothing is deleted.
 
+When a save fails (a full disk, a lost mount, a permission change): the write
+runs in Orbax's background thread, so the error surfaces later. `Checkpointer`
+turns it into one `CheckpointSaveError` naming the step and the OS error (e.g.
+"No space left on device"), raised by whichever comes first of
+`raise_if_save_failed()` (cheap: call it after every training step),
+`save()`, `wait_until_finished()` and `close()`; it is raised once. Nothing of
+the failed step replaces anything: Orbax leaves `<step>.orbax-checkpoint-tmp/`
+(ignored, as above) and deletes no old step, so `restore_latest` returns the
+last good checkpoint. Orbax's own log lines for the failure are kept, without
+their tracebacks.
+
 Multi-process: call every method on every process (they are collective, as in
 Orbax). Every write goes through Orbax, which coordinates processes.
 Moving a bad folder aside is done by process 0 only, followed by a barrier and a
@@ -50,8 +61,12 @@ on any process.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging as py_logging
 import os
+import re
+import sys
 import time
 from typing import Any
 
@@ -75,6 +90,25 @@ _ITEM_FILES = {
 }
 _OCDBT_MANIFEST = "manifest.ocdbt"
 CORRUPT_DIRNAME = "corrupt_checkpoints"
+# Longest reason kept in a warning or error message.
+_MAX_REASON_CHARS = 200
+# Most errors one failed save leaves queued in Orbax that we drain (see
+# `Checkpointer.wait_until_finished`).
+_MAX_QUEUED_ERRORS = 16
+
+
+class CheckpointSaveError(RuntimeError):
+  """A checkpoint could not be written: `step` is the save that failed.
+
+  `str()` is one line, e.g. "checkpoint save failed at step 2000: No space
+  left on device"; the original exception is the `__cause__`.
+  """
+
+  def __init__(self, step: int | None, reason: str):
+    self.step = step
+    self.reason = reason
+    where = f" at step {step}" if step is not None else ""
+    super().__init__(f"checkpoint save failed{where}: {reason}")
 
 
 class Checkpointer:
@@ -92,6 +126,8 @@ class Checkpointer:
     self._directory = epath.Path(directory)
     self._corrupt_dir = self._directory.parent / CORRUPT_DIRNAME
     self._sync_count = 0
+    self._pending_step = None  # the step of the save whose outcome is not yet checked
+    _install_orbax_log_filter()
     registry = ocp.handlers.create_default_handler_registry(**{
         _STATE: ocp.handlers.StandardCheckpointHandler(),
         _METADATA: ocp.handlers.JsonCheckpointHandler(),
@@ -121,17 +157,29 @@ class Checkpointer:
     the background (`wait_until_finished()` blocks on it). Orbax skips a step
     that is not newer than the latest one (logged as a warning); `force` skips
     Orbax's save-interval policy but never overwrites an existing step.
+
+    Raises CheckpointSaveError, before starting, when the previous save failed
+    in the background (nothing is saved then), or when this one fails at once
+    with an OS error (e.g. creating its folder on a full disk).
     """
     metadata = dict(metadata or {})
     json.dumps(metadata)  # fail here, not in the background thread
+    self.wait_until_finished()  # Orbax waits too; this way its error is ours
     items = {
         _STATE: ocp.args.StandardSave(state),
         _METADATA: ocp.args.JsonSave(metadata),
     }
     if data_state is not None:
       items[_DATA] = grain.checkpoint.CheckpointSave(_IteratorState(data_state))
-    saved = self._manager.save(step, args=ocp.args.Composite(**items), force=force)
-    if not saved:
+    try:
+      saved = self._manager.save(step, args=ocp.args.Composite(**items), force=force)
+    except Exception as e:  # pylint: disable=broad-except
+      if _os_error_text(e) is None:
+        raise  # not the storage: a caller error (e.g. StepAlreadyExistsError)
+      raise CheckpointSaveError(step, _short_reason(e)) from e
+    if saved:
+      self._pending_step = step
+    else:
       logging.warning(
           "Checkpoint at step %d not saved: Orbax saves only steps newer than "
           "its latest step (%s) unless force=True.", step,
@@ -164,6 +212,11 @@ class Checkpointer:
     self._manager.reload()
     self._set_aside_incomplete()
     target_shapes = _shapes_by_path(abstract_state)
+    with _quiet_closed_loop_noise():
+      return self._restore_newest(abstract_state, target_shapes)
+
+  def _restore_newest(self, abstract_state, target_shapes):
+    """The loop of `restore_latest` (see there)."""
     for step in sorted(self._manager.all_steps(), reverse=True):
       error = None
       try:
@@ -212,13 +265,54 @@ class Checkpointer:
       return None
     return state.state
 
+  def raise_if_save_failed(self) -> None:
+    """Raises CheckpointSaveError if the last save has finished with an error.
+
+    Never blocks on a save in progress and touches neither disk nor devices
+    (one lock read in Orbax while a save runs), so a training loop can call it
+    after every step: a failed background save then stops the run within a
+    step of the failure, not at the next save.
+    """
+    if self._pending_step is None or self._manager.is_saving_in_progress():
+      return
+    # Orbax clears its flag as the last act of its finalize thread, so this
+    # wait returns at once; it is where Orbax re-raises the background error.
+    self.wait_until_finished()
+
   def wait_until_finished(self) -> None:
-    """Blocks until the save in progress (if any) has committed."""
-    self._manager.wait_until_finished()
+    """Blocks until the save in progress (if any) has committed.
+
+    Raises CheckpointSaveError if that save failed (once per failure).
+    """
+    step, self._pending_step = self._pending_step, None
+    error = None
+    try:
+      self._manager.wait_until_finished()
+    except Exception as e:  # pylint: disable=broad-except
+      error = e
+    # A failed save can leave more errors queued, e.g. the write of the step's
+    # _CHECKPOINT_METADATA into the same full disk. Orbax raises each at its
+    # next call that waits, which could be a restore of a good step (which
+    # would then be set aside as corrupt): drain them here.
+    for _ in range(_MAX_QUEUED_ERRORS):
+      try:
+        self._manager.check_for_errors()
+        break
+      except Exception as e:  # pylint: disable=broad-except
+        error = error or e
+    if error is not None:
+      raise CheckpointSaveError(step, _short_reason(error)) from error
 
   def close(self) -> None:
-    """Waits for the save in progress and releases Orbax's resources."""
-    self._manager.close()
+    """Waits for the save in progress and releases Orbax's resources.
+
+    Resources are released even when that save failed; CheckpointSaveError
+    is raised afterwards unless the failure was already reported.
+    """
+    try:
+      self.wait_until_finished()
+    finally:
+      self._manager.close()
 
   # -- verification ------------------------------------------------------------
 
@@ -308,7 +402,114 @@ def _failure(what: str, error: Exception | None) -> str:
   """`what` plus this process's exception, if it was this process that failed."""
   if error is None:
     return f"{what} on another process"
-  return f"{what}: {type(error).__name__}: {error}"
+  return f"{what}: {type(error).__name__}: {_short_reason(error)}"
+
+
+# TensorStore appends the OS error code to its messages ("... Failed to write
+# 605600 bytes to file 4: No space left on device [os_error_code='28']") and
+# annotations such as [tensorstore_spec='{...}'] (the whole JSON spec) or
+# [source locations='...'].
+_TS_OS_ERROR = re.compile(r"\[os_error_code='(\d+)'\]")
+_TS_ANNOTATION = re.compile(r"\s*\[[a-z_ ]+='(?:[^'\\]|\\.)*'\]")
+
+
+def _errors_in_chain(error: BaseException):
+  """`error`, then its causes and contexts (each once)."""
+  seen = set()
+  while error is not None and id(error) not in seen:
+    seen.add(id(error))
+    yield error
+    error = error.__cause__ or error.__context__
+
+
+def _os_error_text(error: BaseException) -> str | None:
+  """The OS's text for the first OS error in `error`'s chain, or None.
+
+  Python raises OSError with `strerror`; TensorStore raises ValueError whose
+  message carries `os_error_code`.
+  """
+  for e in _errors_in_chain(error):
+    if isinstance(e, OSError) and e.errno:
+      return e.strerror or os.strerror(e.errno)
+    match = _TS_OS_ERROR.search(str(e))
+    if match:
+      return os.strerror(int(match.group(1)))
+  return None
+
+
+def _short_reason(error: BaseException) -> str:
+  """One short line saying why `error` happened: the OS error text if any.
+
+  Otherwise the last clause of the first line of the message, without
+  TensorStore's annotations (its JSON spec alone can run to 60 lines).
+  """
+  text = _os_error_text(error)
+  if text is not None:
+    return text
+  lines = [line for line in str(error).splitlines() if line.strip()]
+  message = _TS_ANNOTATION.sub("", lines[0] if lines else "").strip()
+  clauses = message.split(": ")
+  if len(clauses) > 2:  # TensorStore chains "CODE: Error x: Error y: cause"
+    message = f"{clauses[0]}: {clauses[-1]}"
+  if not message:
+    message = type(error).__name__
+  if len(message) > _MAX_REASON_CHARS:
+    message = message[:_MAX_REASON_CHARS - 3] + "..."
+  return message
+
+
+@contextlib.contextmanager
+def _quiet_closed_loop_noise():
+  """Drops 'Exception ignored' reports from a failed restore's leftover reads.
+
+  When a read of a broken file fails, Orbax's asyncio.gather returns while
+  sibling TensorStore reads are still pending; their callbacks later hit the
+  closed event loop and Python prints an "Exception ignored" traceback that
+  says nothing about the checkpoint (the warning that sets it aside does).
+  Only RuntimeErrors about a closed event loop are dropped.
+  """
+  original = sys.unraisablehook
+
+  def hook(unraisable):
+    if isinstance(unraisable.exc_value, RuntimeError) and (
+        "Event loop is closed" in str(unraisable.exc_value)):
+      return
+    original(unraisable)
+
+  sys.unraisablehook = hook
+  try:
+    yield
+  finally:
+    if sys.unraisablehook is hook:
+      sys.unraisablehook = original
+
+
+class _OrbaxSaveErrorFilter(py_logging.Filter):
+  """Keeps Orbax's log lines about a failed save but drops their tracebacks.
+
+  Orbax logs the same background exception with a full traceback from two
+  threads (each ~60 lines); `CheckpointSaveError` says it in one line.
+  """
+
+  def filter(self, record: py_logging.LogRecord) -> bool:
+    if (record.exc_info and record.levelno >= py_logging.ERROR and
+        "/orbax/" in record.pathname):
+      message = _TS_ANNOTATION.sub("", record.getMessage())
+      if len(message) > 2 * _MAX_REASON_CHARS:
+        message = message[:2 * _MAX_REASON_CHARS - 3] + "..."
+      reason = _short_reason(record.exc_info[1]) if record.exc_info[1] else ""
+      record.msg = message if reason in message else f"{message}: {reason}"
+      record.args = None
+      record.exc_info = None
+      record.exc_text = None
+    return True
+
+
+def _install_orbax_log_filter() -> None:
+  """Adds `_OrbaxSaveErrorFilter` to absl's logger (once per process)."""
+  logger = logging.get_absl_logger()
+  if not any(isinstance(f, _OrbaxSaveErrorFilter) for f in logger.filters):
+    logger.addFilter(_OrbaxSaveErrorFilter())
 
 
 def _all_processes_ok(ok: bool) -> bool:

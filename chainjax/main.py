@@ -14,6 +14,19 @@ Exit codes: 0 done (or already finished), 2 bad config or flags (one line naming
 field; the workdir is not touched), 3 the loss became NaN/inf (the last good
 checkpoint is kept), 4 preempted: a SIGTERM (to any one process) stopped every process
 at the same step, whose checkpoint is saved; run the same command again to resume.
+5 a checkpoint could not be written (e.g. the disk is full: "checkpoint save failed at
+step N: No space left on device"); the run stops at the next step, the last good
+checkpoint is kept and is where a rerun resumes once the cause is fixed.
+6 hung: no train step or eval batch completed within --step_timeout seconds (default 1800;
+0 = never); every thread's stack is written to stderr, then one line, and the process
+exits at once (the other processes of a multi-process run are then aborted by JAX, see
+below). A scheduler should relaunch the same command: it resumes from the last checkpoint;
+the stacks say where it hung (a collective waiting for a dead or slow peer, a stuck read).
+The first interval also covers start-up, restore and compiling the first step, and every
+interval covers checkpoint saves (which do not count as progress): keep the timeout
+above them. 7 the processes of a multi-process run did not all join within
+--initialization_timeout seconds (one line naming this process, the count and the
+coordinator); a scheduler should relaunch when every host is up.
 When a process of a multi-process run dies, JAX's distributed runtime aborts the others
 (SIGABRT: status 134, or -6 from Python's subprocess) within --heartbeat_timeout seconds,
 logging "Terminating process because the JAX distributed service detected fatal errors".
@@ -28,6 +41,8 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from chainjax import watchdog
+
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file, e.g. configs/default.py[:arg].",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Where checkpoints, metrics and TensorBoard logs go.")
@@ -41,11 +56,24 @@ _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process, 0 .. num_p
 _HEARTBEAT_TIMEOUT = flags.DEFINE_integer(
     "heartbeat_timeout", 100, "Seconds without a heartbeat after which a process counts as dead.", lower_bound=1)
 _INIT_TIMEOUT = flags.DEFINE_integer(
-    "initialization_timeout", 300, "Seconds to wait for every process to join.", lower_bound=1)
+    "initialization_timeout", 300, "Seconds to wait for every process to join; then exit with code 7.",
+    lower_bound=1)
+_STEP_TIMEOUT = flags.DEFINE_float(
+    "step_timeout", 1800,
+    "Seconds without a completed train step or eval batch (counted from start-up, so it must exceed start-up, "
+    "restore and compiling the first step) after which every thread's stack is logged and the process exits "
+    "with code 6. 0 = never.", lower_bound=0)
 
 EXIT_BAD_CONFIG = 2
 EXIT_NONFINITE = 3
 EXIT_PREEMPTED = 4
+EXIT_SAVE_FAILED = 5
+EXIT_STEP_TIMEOUT = 6
+EXIT_INIT_TIMEOUT = 7
+
+# JAX's own deadline for joining is this much later than ours: when it passes, JAX aborts the
+# process (LOG(FATAL) in C++: SIGABRT and a native stack trace, in JAX 0.10.2), so ours must come first.
+_JAX_INIT_TIMEOUT_MARGIN_S = 60
 
 # Variables by which `jax.distributed.initialize()` finds its peers, with the process count they imply.
 _CLUSTER_SIZE_VARS = {
@@ -92,12 +120,31 @@ def _cluster_environment() -> str | None:
   return None
 
 
+def _init_timeout_message(coordinator_address: str | None, num_processes: int | None, process_id: int | None,
+                           timeout: int) -> str:
+  """The one line for processes that did not all join: who we are, how many were expected, what to do."""
+  who = "this process" if process_id is None or num_processes is None else f"process {process_id} of {num_processes}"
+  at = f" at {coordinator_address}" if coordinator_address else ""
+  if process_id == 0 and num_processes == 2:
+    missing = f"the other process did not join{at}"
+  elif process_id == 0 and num_processes is not None:
+    missing = f"not all of the other {num_processes - 1} processes joined{at}"
+  else:
+    missing = f"not all {num_processes or 'the'} processes joined{at}"
+  return (f"{who}: {missing} within {timeout} s (--initialization_timeout); start every process with the "
+          "same --coordinator_address and --num_processes (a distinct --process_id each) and relaunch")
+
+
 def initialize_distributed(mode: str, coordinator_address: str | None = None, num_processes: int | None = None,
                            process_id: int | None = None, heartbeat_timeout: int = 100,
                            initialization_timeout: int = 300) -> bool:
   """Starts `jax.distributed` when `mode` (auto|on|off) and the flags or environment say so; before any JAX call.
 
   Returns whether it was started. Unset arguments are discovered by JAX from the cluster.
+  If the processes have not all joined within `initialization_timeout` seconds, it writes one
+  line to stderr and ends the process with EXIT_INIT_TIMEOUT (`os._exit`, from a watchdog
+  thread: the main thread is blocked in JAX's C++ connect). JAX's own deadline is set later,
+  because when it passes JAX aborts the process (SIGABRT, a C++ stack trace) instead of raising.
   """
   explicit = coordinator_address is not None or (num_processes or 1) > 1
   if mode == "off" or (mode == "auto" and not explicit and _cluster_environment() is None):
@@ -108,9 +155,12 @@ def initialize_distributed(mode: str, coordinator_address: str | None = None, nu
   # the user chose one (mpi). It is used only by the CPU backend, so setting it costs GPUs/TPUs nothing.
   if not jax.config.jax_cpu_collectives_implementation:
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
-  jax.distributed.initialize(coordinator_address, num_processes, process_id,
-                             initialization_timeout=initialization_timeout,
-                             heartbeat_timeout_seconds=heartbeat_timeout)
+  message = _init_timeout_message(coordinator_address, num_processes, process_id, initialization_timeout)
+  with watchdog.Watchdog(initialization_timeout, lambda: watchdog.exit_with_message(message, EXIT_INIT_TIMEOUT),
+                         name="chainjax-initialization-timeout"):
+    jax.distributed.initialize(coordinator_address, num_processes, process_id,
+                               initialization_timeout=initialization_timeout + _JAX_INIT_TIMEOUT_MARGIN_S,
+                               heartbeat_timeout_seconds=heartbeat_timeout)
   return True
 
 
@@ -137,6 +187,7 @@ def main(argv: list[str]) -> None:
 
   import jax  # after flag parsing, so --help is fast
 
+  from chainjax import checkpoint as checkpoint_lib
   from chainjax import config as config_lib
   from chainjax import preemption
   from chainjax import train
@@ -146,12 +197,24 @@ def main(argv: list[str]) -> None:
   config = _CONFIG.value
   logging.info("JAX %s on %d %s device(s), process %d of %d.", jax.__version__, jax.device_count(),
                jax.devices()[0].platform, jax.process_index(), jax.process_count())
+  step_timeout = _STEP_TIMEOUT.value
+
+  def on_hang() -> None:  # from the watchdog thread: the main thread may be blocked in native code
+    watchdog.dump_stacks_and_exit(
+        f"no train step or eval batch completed in {step_timeout:g} s (--step_timeout); thread stacks above",
+        EXIT_STEP_TIMEOUT)
+
   try:
-    final = train.train_and_evaluate(config, _WORKDIR.value)  # validates config and data first
+    # Stopped (never fires) once training returns or raises; counts from here, so it covers start-up.
+    with watchdog.Watchdog(step_timeout, on_hang, name="chainjax-step-timeout") as step_watchdog:
+      final = train.train_and_evaluate(config, _WORKDIR.value,  # validates config and data first
+                                       heartbeat=step_watchdog.beat)
   except config_lib.ConfigError as e:
     _fail(str(e), EXIT_BAD_CONFIG)
   except train.NonFiniteLossError as e:
     _fail(str(e), EXIT_NONFINITE)
+  except checkpoint_lib.CheckpointSaveError as e:
+    _fail(str(e), EXIT_SAVE_FAILED)
   except preemption.PreemptedError as e:
     print(f"chainjax: {e}", file=sys.stderr)
     sys.exit(EXIT_PREEMPTED)

@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import json
 import os
+import socket
+import struct
 import sys
 import time
-from typing import Mapping
+from typing import Any, Mapping
 
 import numpy as np
 from absl import logging
@@ -43,26 +45,54 @@ def epoch_line(epoch: int, num_epochs: int, seconds: float, metrics: Mapping[str
 
 
 class MetricWriter:
-  """Appends one JSON object per call to `<workdir>/metrics.jsonl` and writes TensorBoard scalars."""
+  """Appends one JSON object per eval to `<workdir>/metrics.jsonl` and writes the same scalars to TensorBoard.
+
+  Call `resume(step)` once before the first `write`, with the restored checkpoint's step (None or 0 for a
+  fresh start), so that the files hold each step at most once and only the history of the restored state:
+
+  * fresh start: the previous run's `metrics.jsonl` becomes `metrics.jsonl.<n>` (n = 1, 2, ...: the first
+    free number, so a larger n is a later rotation) and its TensorBoard event files move to
+    `tensorboard.old/<n>/`. Nothing is deleted.
+  * resume at step S: rows of steps > S (written by a run that died before its next checkpoint, or after a
+    checkpoint that was later set aside) are dropped, a step written twice keeps its last row, and lines that
+    do not parse (garbage, a row cut by a kill) go to `metrics.jsonl.corrupt` with one warning. The event
+    files are rewritten the same way: their events of steps <= S go, once each and in step order, into one
+    new event file, and the old files move to `tensorboard.old/resumed-at-<S>/`.
+
+  Old event files are renamed `...superseded...` instead of `...tfevents...`: TensorBoard loads only files
+  whose names contain "tfevents" (at any depth under its logdir), so a moved-aside run does not show up as
+  an extra run or as duplicate points. Rename them back to look at them.
+
+  Rewrites are atomic (a temporary file, then a rename), so a kill during `resume` loses no row: the next
+  `resume` finishes the job. Paths go through etils.epath (the workdir may be gs://). With `enabled=False`
+  (every process but the first) every method does nothing.
+  """
 
   def __init__(self, workdir: str, *, enabled: bool = True):
     self.enabled = enabled
-    self.path = epath.Path(workdir) / "metrics.jsonl"  # local or gs://
-    self._tb = None
-    if enabled:
-      from tensorboardX import SummaryWriter  # writes event files without TensorFlow
+    self.workdir = epath.Path(workdir)
+    self.path = self.workdir / "metrics.jsonl"  # local or gs://
+    self.corrupt_path = self.workdir / "metrics.jsonl.corrupt"
+    self.tb_dir = self.workdir / "tensorboard"
+    self._logdir = os.path.join(workdir, "tensorboard")
+    self._tb = None  # created at the first write: after `resume` has moved old event files aside
 
-      self._tb = SummaryWriter(logdir=os.path.join(workdir, "tensorboard"), flush_secs=30)
+  def resume(self, step: int | None) -> None:
+    """Makes the files match the restored state: rotate them aside (`step` None or 0) or cut them at `step`."""
+    if not self.enabled:
+      return
+    if not step:
+      self._rotate()
+    else:
+      self._cut_jsonl(int(step))
+      self._cut_events(int(step))
 
   def truncate_after(self, step: int) -> None:
-    """Drops records newer than `step` (written by a run that died before its next checkpoint)."""
-    if not self.enabled or not self.path.exists():
+    """Drops records newer than `step`: `resume(step)` for a restored step (kept for older callers)."""
+    if not self.enabled:
       return
-    records = [line + "\n" for line in self.path.read_text().splitlines()
-               if line.strip() and json.loads(line).get("step", 0) <= step]
-    tmp = self.path.with_name(self.path.name + ".tmp")
-    tmp.write_text("".join(records))
-    tmp.replace(self.path)
+    self._cut_jsonl(int(step))
+    self._cut_events(int(step))
 
   def write(self, step: int, metrics: Mapping[str, float]) -> None:
     if not self.enabled:
@@ -70,12 +100,165 @@ class MetricWriter:
     record = {"step": int(step), **{k: float(v) for k, v in metrics.items()}}
     with self.path.open("a") as f:
       f.write(json.dumps(record) + "\n")
+    if self._tb is None:
+      from tensorboardX import SummaryWriter  # writes event files without TensorFlow
+
+      self._tb = SummaryWriter(logdir=self._logdir, flush_secs=30)
     for key, value in metrics.items():
       self._tb.add_scalar(key, float(value), global_step=int(step))
 
   def close(self) -> None:
     if self._tb is not None:
       self._tb.close()
+
+  # ------------------------------------------------------------------------------------------
+  # Fresh start.
+
+  def _rotate(self) -> None:
+    """Moves the previous run's metrics.jsonl (and its .corrupt side file) and event files aside."""
+    events = _event_files(self.tb_dir)
+    if not (self.path.exists() or self.corrupt_path.exists() or events):
+      return
+    n = 1
+    while any(p.exists() for p in (self.workdir / f"metrics.jsonl.{n}", self.workdir / f"metrics.jsonl.{n}.corrupt",
+                                   self.workdir / "tensorboard.old" / str(n))):
+      n += 1
+    moved = []
+    if self.path.exists():
+      self.path.rename(self.workdir / f"metrics.jsonl.{n}")
+      moved.append(f"metrics.jsonl -> metrics.jsonl.{n}")
+    if self.corrupt_path.exists():
+      self.corrupt_path.rename(self.workdir / f"metrics.jsonl.{n}.corrupt")
+      moved.append(f"metrics.jsonl.corrupt -> metrics.jsonl.{n}.corrupt")
+    if events:
+      _hide(events, self.workdir / "tensorboard.old" / str(n))
+      moved.append(f"{len(events)} TensorBoard event file(s) -> tensorboard.old/{n}/")
+    logging.info("Fresh start in %s: moved the previous run's files aside: %s.", self.workdir, "; ".join(moved))
+
+  # ------------------------------------------------------------------------------------------
+  # Resume at a step.
+
+  def _cut_jsonl(self, step: int) -> None:
+    """Keeps the last row of each step <= `step`, in step order; unparseable lines go to the side file."""
+    if not self.path.exists():
+      return
+    data = self.path.read_bytes()
+    rows: dict[int, bytes] = {}
+    bad: list[tuple[int, bytes]] = []
+    for number, line in enumerate(data.split(b"\n"), start=1):
+      if not line.strip():
+        continue
+      try:
+        row_step = json.loads(line)["step"]
+        if not isinstance(row_step, int) or isinstance(row_step, bool):
+          raise TypeError(f"step {row_step!r}")
+      except (ValueError, TypeError, KeyError, IndexError):  # bad JSON or UTF-8, not an object, no int step
+        bad.append((number, line))
+        continue
+      if row_step <= step:
+        rows.pop(row_step, None)
+        rows[row_step] = line  # a step written twice: the later row wins
+    text = b"".join(rows[s] + b"\n" for s in sorted(rows))
+    if not bad and text == data:
+      return
+    if bad:  # first the side file: a kill before the rewrite then leaves the lines in both, none lost
+      old = self.corrupt_path.read_bytes() if self.corrupt_path.exists() else b""
+      _write_atomically(self.corrupt_path, old + b"".join(line + b"\n" for _, line in bad))
+      logging.warning("%s: moved %d unparseable line(s) (line %s: %r) to %s.", self.path, len(bad),
+                      ", ".join(str(n) for n, _ in bad), bad[0][1][:80], self.corrupt_path)
+    _write_atomically(self.path, text)
+
+  def _cut_events(self, step: int) -> None:
+    """Copies the events of steps <= `step` (once each, in step order) to a new file; hides the old ones."""
+    files = _event_files(self.tb_dir)
+    if not files:
+      return
+    from tensorboardX.proto import event_pb2  # pylint: disable=g-import-not-at-top
+
+    kept: dict[tuple, Any] = {}
+    for path in files:  # tensorboardX names files by their creation time: oldest first
+      for event in _read_events(path):
+        if event.WhichOneof("what") == "file_version" or event.step > step:
+          continue
+        key = (event.step, event.WhichOneof("what"), tuple(v.tag for v in event.summary.value))
+        kept.pop(key, None)
+        kept[key] = event  # the same tag written twice at one step: the later one wins
+    events = sorted(kept.values(), key=lambda e: e.step)  # TensorBoard drops data after a step that goes back
+    name = None
+    if events:
+      # Named a second before the first kept event: sorts (TensorBoard reads files in name order) before the
+      # file of the new writes, `events.out.tfevents.<now>.<host>`, even when both fall in the same second.
+      wall_time = min(e.wall_time for e in events)
+      name = f"events.out.tfevents.{int(wall_time) - 1:010d}.{socket.gethostname()}.upto-{step}"
+      header = event_pb2.Event(wall_time=wall_time, file_version="brain.Event:2")
+      _write_atomically(self.tb_dir / name, b"".join(_record(e.SerializeToString()) for e in [header, *events]))
+    stale = [p for p in files if p.name != name]
+    if stale:
+      _hide(stale, self.workdir / "tensorboard.old" / f"resumed-at-{step}")
+    logging.info("Resumed at step %d: kept %d TensorBoard event(s) of steps <= %d; moved %d old event file(s) "
+                 "to %s.", step, len(events), step, len(stale), self.workdir / "tensorboard.old")
+
+
+def _event_files(tb_dir: epath.Path) -> list[epath.Path]:
+  """The event files directly in `tb_dir` (where the writer puts them), by name: by creation time."""
+  if not tb_dir.exists():
+    return []
+  return sorted((p for p in tb_dir.iterdir() if "tfevents" in p.name), key=lambda p: p.name)
+
+
+def _hide(files: list[epath.Path], folder: epath.Path) -> None:
+  """Moves event files to `folder`, renamed so that TensorBoard does not load them ("tfevents" -> "superseded")."""
+  folder.mkdir(parents=True, exist_ok=True)
+  for path in files:
+    target = folder / path.name.replace("tfevents", "superseded")
+    n = 1
+    while target.exists():
+      target = folder / (path.name.replace("tfevents", "superseded") + f".{n}")
+      n += 1
+    path.rename(target)
+
+
+def _write_atomically(path: epath.Path, data: bytes) -> None:
+  """Writes a temporary file next to `path`, then renames it over `path`: readers see old or new, never half."""
+  tmp = path.with_name(path.name + ".tmp")
+  tmp.write_bytes(data)
+  tmp.replace(path)
+
+
+def _record(data: bytes) -> bytes:
+  """One TFRecord: length, its masked CRC-32C, the data, its masked CRC-32C (the event-file framing)."""
+  from tensorboardX.record_writer import masked_crc32c  # pylint: disable=g-import-not-at-top
+
+  header = struct.pack("<Q", len(data))
+  return header + struct.pack("<I", masked_crc32c(header)) + data + struct.pack("<I", masked_crc32c(data))
+
+
+def _read_events(path: epath.Path) -> list:
+  """The events of one event file, up to its first damaged or cut record (a kill during a write)."""
+  from tensorboardX.proto import event_pb2  # pylint: disable=g-import-not-at-top
+  from tensorboardX.record_writer import masked_crc32c  # pylint: disable=g-import-not-at-top
+
+  data = path.read_bytes()
+  events, pos = [], 0
+  while pos < len(data):
+    header = data[pos:pos + 8]
+    ok = len(header) == 8 and data[pos + 8:pos + 12] == struct.pack("<I", masked_crc32c(header))
+    if ok:
+      (length,) = struct.unpack("<Q", header)
+      payload = data[pos + 12:pos + 12 + length]
+      ok = len(payload) == length and data[pos + 12 + length:pos + 16 + length] == struct.pack(
+          "<I", masked_crc32c(payload))
+    if ok:
+      try:
+        events.append(event_pb2.Event.FromString(payload))
+      except Exception:  # pylint: disable=broad-except  # a valid checksum over bytes that are not an Event
+        ok = False
+    if not ok:
+      logging.warning("%s: unreadable from byte %d of %d (a cut or damaged record); kept the %d events before it.",
+                      path, pos, len(data), len(events))
+      break
+    pos += 16 + length
+  return events
 
 
 def read_metrics(workdir: str) -> list[dict]:

@@ -391,8 +391,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       checkpointer.close()
       writer.close()
       return meta["final_metrics"]
-    writer.truncate_after(restored_step)
+    writer.resume(restored_step)  # metrics.jsonl and TensorBoard: steps <= restored_step, each once
     _restore_input_position(train_iter, checkpointer, restored_step)
+  else:
+    writer.resume(None)  # fresh start: an old run's metrics.jsonl and event files are moved aside
   stopper = EarlyStopping(config.early_stopping.metric, config.early_stopping.mode,
                           config.early_stopping.patience, config.early_stopping.min_delta,
                           **meta.get("early_stopping", {}))
@@ -462,6 +464,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
           train_steps[phase] = jit_train_step(phase)
         state, step_records = run_update(train_steps[phase], state)
         heartbeat()
+        checkpointer.raise_if_save_failed()  # a failed background save stops the run now (no host sync)
         step += 1
         step_metrics = step_records[-1]
         train_records.extend(step_records)

@@ -1,10 +1,16 @@
 """Tests for chainjax.checkpoint: round trip, retention, verification, resharding."""
 
+import errno
+import gc
 import os
 import pathlib
+import resource
 import shutil
+import signal
+import time
 
 from absl import logging
+from etils import epath
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -236,3 +242,138 @@ def test_mismatched_target_raises_and_moves_nothing(tmp_path):
   assert ckpt.latest_step() == 1
   ckpt.close()
   assert not (tmp_path / "corrupt_checkpoints").exists()
+
+
+def _fail_writes_under(monkeypatch, folder_name):
+  """Makes epath item writes under a folder named `folder_name` fail with ENOSPC.
+
+  The write that fails is Orbax's own (JsonCheckpointHandler writes the
+  metadata item with `write_text` in its background commit), so the error
+  takes the path a full disk takes. Orbax's step metadata file is spared so
+  that one write fails, at a fixed point (a failure there too would race with
+  the item writes and, when it comes first, is only reported later).
+  """
+  path_type = type(epath.Path("/x"))
+  original = path_type.write_text
+
+  def write_text(self, *args, **kwargs):
+    if folder_name in str(self) and self.name != "_CHECKPOINT_METADATA":
+      raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(self))
+    return original(self, *args, **kwargs)
+
+  monkeypatch.setattr(path_type, "write_text", write_text)
+
+
+def _poll_for_save_error(ckpt, timeout=30.0):
+  """The CheckpointSaveError `raise_if_save_failed` raises within `timeout` s."""
+  deadline = time.monotonic() + timeout
+  while time.monotonic() < deadline:
+    try:
+      ckpt.raise_if_save_failed()
+    except ckpt_lib.CheckpointSaveError as e:
+      return e
+    time.sleep(0.01)
+  raise AssertionError(f"no CheckpointSaveError within {timeout} s")
+
+
+def test_failed_background_save_is_raised_and_last_good_step_restores(
+    tmp_path, monkeypatch, caplog):
+  directory = tmp_path / "ckpt"
+  state = _train_state()
+  ckpt = Checkpointer(directory)
+  ckpt.save(100, state, {"n": 100})
+  ckpt.wait_until_finished()
+  ckpt.raise_if_save_failed()  # a good save raises nothing
+
+  _fail_writes_under(monkeypatch, "200.orbax-checkpoint-tmp")
+  ckpt.save(200, jax.tree.map(lambda x: x + 1, state), {"n": 200})
+  error = _poll_for_save_error(ckpt)
+  monkeypatch.undo()
+
+  assert error.step == 200
+  assert str(error) == "checkpoint save failed at step 200: No space left on device"
+  assert isinstance(error.__cause__, OSError)
+  ckpt.raise_if_save_failed()  # reported once
+  assert "Traceback" not in caplog.text  # Orbax's error lines, not its tracebacks
+  assert not any(r.exc_info for r in caplog.records)
+
+  # Depending on which write failed first, 200 is left as Orbax's tmp folder
+  # or renamed without its commit metadata: either way it is not restored.
+  step, restored, metadata = ckpt.restore_latest(_abstract(state))
+  assert (step, metadata) == (100, {"n": 100})
+  _assert_bit_identical(restored, state)
+
+  ckpt.save(300, state, {"n": 300})  # space is back: saving works again
+  ckpt.wait_until_finished()
+  ckpt.close()
+  assert _step_dirs(directory) == [100, 300]
+
+
+@pytest.mark.parametrize("call", ["save", "wait_until_finished", "close"])
+def test_failed_background_save_is_raised_by_next_call(tmp_path, monkeypatch, call):
+  directory = tmp_path / "ckpt"
+  state = _train_state()
+  ckpt = Checkpointer(directory)
+  ckpt.save(100, state)
+  ckpt.wait_until_finished()
+  _fail_writes_under(monkeypatch, "200.orbax-checkpoint-tmp")
+  ckpt.save(200, state)
+
+  with pytest.raises(ckpt_lib.CheckpointSaveError,
+                     match=r"^checkpoint save failed at step 200: No space left on device$"):
+    if call == "save":
+      ckpt.save(300, state)
+    else:
+      getattr(ckpt, call)()
+  monkeypatch.undo()
+  if call != "close":
+    ckpt.close()  # the failure was reported: closing raises nothing
+  # 300 was not started after the failure; whatever 200 left is not a step.
+  ckpt = Checkpointer(directory)
+  assert ckpt.latest_step() == 100
+  ckpt.close()
+  assert _step_dirs(directory) == [100]
+
+
+def test_real_write_error_from_tensorstore_is_one_line(tmp_path):
+  """A real OS write failure inside TensorStore: the file-size limit (EFBIG)."""
+  state = {"w": jax.random.normal(jax.random.key(1), (100_000,))}  # 400 kB, incompressible
+  ckpt = Checkpointer(tmp_path / "ckpt")
+  previous_handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+  limits = resource.getrlimit(resource.RLIMIT_FSIZE)
+  resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, limits[1]))
+  try:
+    ckpt.save(5, state)
+    error = _poll_for_save_error(ckpt)
+  finally:
+    resource.setrlimit(resource.RLIMIT_FSIZE, limits)
+    signal.signal(signal.SIGXFSZ, previous_handler)
+  assert str(error) == "checkpoint save failed at step 5: File too large"
+  assert "os_error_code='27'" in str(error.__cause__)  # TensorStore's ValueError
+  assert ckpt.latest_step() is None
+  ckpt.close()
+
+
+@pytest.mark.parametrize("fraction", [0.0, 0.5, 0.95])
+def test_corrupt_checkpoint_warning_is_short(tmp_path, warnings, capfd, fraction):
+  directory = tmp_path / "ckpt"
+  state = _train_state()
+  ckpt = Checkpointer(directory)
+  ckpt.save(100, state)
+  ckpt.close()
+  shutil.copytree(directory / "100", directory / "200")
+  for data_file in (directory / "200" / "state" / "d").iterdir():
+    os.truncate(data_file, int(data_file.stat().st_size * fraction))
+  capfd.readouterr()
+
+  ckpt = Checkpointer(directory)
+  assert ckpt.restore_latest(_abstract(state))[0] == 100
+  ckpt.close()
+  gc.collect()  # leftover reads of the failed restore report now, if at all
+
+  (warning,) = [w for w in warnings if str(directory / "200") in w]
+  assert len(warning.splitlines()) <= 5 and len(warning) < 800, warning
+  assert "tensorstore_spec" not in warning and "{" not in warning
+  stderr = capfd.readouterr().err
+  assert "Exception ignored" not in stderr
+  assert "Traceback" not in stderr
