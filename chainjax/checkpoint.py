@@ -197,6 +197,22 @@ class Checkpointer:
     self._set_aside_incomplete()
     return self._manager.latest_step()
 
+  def latest_metadata(self) -> tuple[int, dict] | None:
+    """`(step, metadata)` of the newest complete step, reading only its JSON item; None without one.
+
+    Cheap (no arrays are read), so a caller can check the saved metadata (e.g. the
+    run's config) before building a restore target. An unreadable JSON item gives
+    `{}`: `restore_latest` then decides whether the step is usable.
+    """
+    step = self.latest_step()
+    if step is None:
+      return None
+    try:
+      restored = self._manager.restore(step, args=ocp.args.Composite(**{_METADATA: ocp.args.JsonRestore()}))
+    except Exception:  # pylint: disable=broad-except
+      return step, {}
+    return step, dict(restored[_METADATA] or {})
+
   def restore_latest(self, abstract_state) -> tuple[int, Any, dict] | None:
     """Restores the newest checkpoint that restores cleanly onto `abstract_state`.
 

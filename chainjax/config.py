@@ -9,6 +9,7 @@ compiles, and raises one `ConfigError` naming the field and the allowed values.
 from __future__ import annotations
 
 import math
+import os
 
 import ml_collections
 
@@ -30,18 +31,29 @@ def parse_arg(arg: str, **defaults) -> dict:
   """`get_config` variants: `"mode=decoupled,runlocal"` -> {"mode": "decoupled", "runlocal": True}.
 
   Each key must be one of `defaults`; its value is converted to the default's type,
-  and a bare key sets a flag.
+  and a bare key sets a flag. A flag takes only true/false, 1/0, yes/no (any case) or
+  nothing: `runlocal=maybe` is refused rather than read as False (which starts a full run).
   """
   out = dict(defaults)
   for item in filter(None, (a.strip() for a in (arg or "").split(","))):
     key, _, value = item.partition("=")
+    key, value = key.strip(), value.strip()
     if key not in defaults:
       raise ValueError(f"unknown config argument {key!r}; allowed: {', '.join(defaults)}")
     if isinstance(defaults[key], bool):
-      out[key] = value.lower() in ("", "1", "true", "yes")
+      if value.lower() not in _TRUE + _FALSE:
+        raise ValueError(f"config argument {key!r} must be true or false (also 1/0, yes/no, or {key} alone), "
+                         f"got {value!r}")
+      out[key] = value.lower() in _TRUE
     else:
-      out[key] = type(defaults[key])(value)
+      try:
+        out[key] = type(defaults[key])(value)
+      except ValueError:
+        raise ValueError(f"config argument {key!r} must be {type(defaults[key]).__name__}, got {value!r}") from None
   return out
+
+
+_TRUE, _FALSE = ("", "1", "true", "yes"), ("0", "false", "no")
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -177,6 +189,11 @@ _NON_NEGATIVE = ("seed", "divergence_factor", "data.seed", "data.num_threads", "
                  "early_stopping.patience", "early_stopping.min_delta")
 
 
+_SEEDS = ("seed", "data.seed")
+MAX_SEED = 2**32 - 1
+_NUMBER_TUPLES = ("chain.loss_weights", "chain.phase_steps", "optim.boundaries", "optim.scales")
+
+
 def num_updates(config: ml_collections.ConfigDict, train_size: int = 0) -> int:
   """Optimizer updates of a run: `total_steps`, or `num_epochs` epochs capped at `total_steps` (0 = no cap)."""
   if config.num_epochs <= 0:
@@ -237,6 +254,12 @@ def validate(config: ml_collections.ConfigDict, num_devices: int = 1, workdir: s
   from chainjax import stages as stages_lib
 
   _check_schema(config, base_config())
+  for field in _NUMBER_TUPLES:
+    # `--config.x='(1.0,nan,1.0)'`: what ml_collections cannot read as a literal tuple arrives as
+    # the 1-tuple of that string, which would otherwise read as "has 1 entries".
+    texts = [v for v in _get(config, field) if isinstance(v, str)]
+    if texts:
+      raise ConfigError(field, f"could not parse {texts[0]!r} as a tuple of numbers")
   for field, allowed in _CHOICES.items():
     if _get(config, field) not in allowed:
       raise ConfigError(field, f"{_get(config, field)!r} is not one of: {', '.join(allowed)}")
@@ -252,6 +275,9 @@ def validate(config: ml_collections.ConfigDict, num_devices: int = 1, workdir: s
   for field in _NON_NEGATIVE:
     if not _get(config, field) >= 0:
       raise ConfigError(field, f"must be >= 0, got {_get(config, field)!r}")
+  for field in _SEEDS:  # jax.random.key takes an int64; the data streams (numpy, Grain) are kept to uint32
+    if _get(config, field) > MAX_SEED:
+      raise ConfigError(field, f"must be in [0, {MAX_SEED}], got {_get(config, field)!r}")
   if 0 < config.divergence_factor <= 1:
     raise ConfigError("divergence_factor", f"must be > 1 (or 0 = off), got {config.divergence_factor!r}")
   if config.batch_size % num_devices:
@@ -277,6 +303,10 @@ def validate(config: ml_collections.ConfigDict, num_devices: int = 1, workdir: s
   metric = config.early_stopping.metric
   if metric and not metric.startswith("eval/"):
     raise ConfigError("early_stopping.metric", f"{metric!r} must name an eval metric, e.g. 'eval/accuracy'")
+  memory = available_memory()
+  example = _synthetic_example(config)  # known before the task exists, which would allocate its held-out set
+  if example is not None:
+    _check_data_memory(config, num_devices, example, memory)
   if not config.data.name:
     raise ConfigError("data.name", f"is empty; name a synthetic task ({', '.join(data_lib.TASKS)}) or a "
                       "TFDS dataset")
@@ -293,12 +323,159 @@ def validate(config: ml_collections.ConfigDict, num_devices: int = 1, workdir: s
   if config.num_epochs and not getattr(task, "train_size", 0):
     raise ConfigError("num_epochs", f"the {task.name} task is an endless stream with no epochs; set "
                       "total_steps instead")
-  _validate_chain(config, task, stages_lib, chain_lib)
+  if example is None:
+    _check_data_memory(config, num_devices, _task_example(config, task), memory)
+  model = _validate_chain(config, task, stages_lib, chain_lib)
   _validate_optim(config, task)
+  _check_state_memory(config, task, num_devices, model, chain_lib, memory)
   return task
 
 
-def _validate_chain(config, task, stages_lib, chain_lib) -> None:
+# --------------------------------------------------------------------------------------------
+# Memory: what one batch and the train state need, against what the machine has.
+# --------------------------------------------------------------------------------------------
+
+
+def available_memory() -> tuple[int, int | None]:
+  """(host bytes, bytes of one accelerator or None where devices share host memory, e.g. CPU).
+
+  Host: physical memory, or a smaller cgroup limit (a container). Device: the allocator's
+  `bytes_limit` of the first local device, where JAX reports one.
+  """
+  host = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+  for limit_file in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
+    try:
+      with open(limit_file) as f:
+        limit = f.read().strip()
+    except OSError:
+      continue
+    if limit.isdigit() and 0 < int(limit) < host:
+      host = int(limit)
+  device = None
+  try:
+    import jax
+
+    stats = jax.local_devices()[0].memory_stats()
+    if stats and stats.get("bytes_limit"):
+      device = int(stats["bytes_limit"])
+  except Exception:  # a backend without memory statistics: its devices use host memory
+    device = None
+  return host, device
+
+
+class _Example:
+  """One example's bytes (inputs + labels + mask), how it is described, and the field that sets its size."""
+
+  def __init__(self, input_shape, input_dtype, label_values: int, size_field: str = "", size_value=None):
+    import numpy as np
+
+    input_dtype = np.dtype(input_dtype)
+    self.bytes = math.prod(input_shape) * input_dtype.itemsize + 4 * label_values + 4  # float32/int32, mask
+    self.describe = f"inputs {tuple(input_shape)} {input_dtype.name} + labels + mask"
+    self.size_field, self.size_value = size_field, size_value
+
+
+def _synthetic_example(config) -> _Example | None:
+  """The example of a synthetic task, from the config alone (None for other tasks and bad sizes)."""
+  data = config.data
+  if data.name == "parity" and data.levels >= 1 and data.d >= 1 and data.levels < 64 and 2**data.levels <= data.d:
+    return _Example((data.d,), "float32", 2**data.levels - 1, "data.d", data.d)  # XOR levels 2**(L-1) + .. + 1
+  if data.name == "line_parity" and data.num_images >= 1:
+    from chainjax.data import line_parity
+
+    size = line_parity.IMAGE_SIZE
+    return _Example((data.num_images, size, size, 1), "float32", data.num_images + 1, "data.num_images",
+                    data.num_images)
+  return None
+
+
+def _task_example(config, task) -> _Example:
+  from chainjax import data as data_lib
+
+  labels = sum(math.prod(spec.shape) for spec in task.label_specs)
+  size_field = "data.max_len" if config.data.name in data_lib.TEXT else ""
+  return _Example(tuple(task.input_shape), task.input_dtype, labels, size_field,
+                  config.data.max_len if size_field else None)
+
+
+def _bytes(n: int) -> str:
+  return f"{n} bytes ({n / 1e9:.1f} GB)"
+
+
+def _need(per_device: int, num_devices: int, memory) -> tuple[int, int, str] | None:
+  """(needed, available, description) when `per_device` bytes on every device do not fit, else None."""
+  host, device = memory
+  if device is not None:
+    return (per_device, device, " per device") if per_device > device else None
+  total = per_device * num_devices  # devices without memory of their own (CPU) all use host memory
+  return (total, host, "") if total > host else None
+
+
+def _where(memory) -> str:
+  return "host memory" if memory[1] is None else "device memory"
+
+
+def _check_data_memory(config, num_devices: int, example: _Example, memory) -> None:
+  """A batch of each kind, per device and on the host, and a synthetic task's held-out set (host)."""
+  host = memory[0]
+  size_note = f"; the example size is set by {example.size_field}={example.size_value}" if example.size_field else ""
+  if example.size_field:  # not even one example per device fits: the example is the problem, not a count
+    short = _need(example.bytes, num_devices, memory)
+    if short:
+      need, available, per = short
+      raise ConfigError(example.size_field, f"one example ({example.describe}, {example.size_field}="
+                        f"{example.size_value}) is {_bytes(example.bytes)}; one per device needs {_bytes(need)}"
+                        f"{per}, more than the {_bytes(available)} of {_where(memory)}")
+  for field, kind in (("batch_size", "train"), ("eval_batch_size", "eval")):
+    size = config[field]
+    head = f"one {kind} batch ({size} examples of {example.bytes} bytes: {example.describe}) needs"
+    short = _need(-(-size // num_devices) * example.bytes, num_devices, memory)
+    if short:
+      need, available, per = short
+      raise ConfigError(field, f"{head} {_bytes(need)}{per}, more than the {_bytes(available)} of "
+                        f"{_where(memory)}{size_note}")
+    if size * example.bytes > host:  # the host assembles every batch before it goes to the devices
+      raise ConfigError(field, f"{head} {_bytes(size * example.bytes)}, more than the {_bytes(host)} of host "
+                        f"memory{size_note}")
+  if config.data.name in ("parity", "line_parity") and config.data.eval_size * example.bytes > host:
+    raise ConfigError("data.eval_size", f"the held-out set ({config.data.eval_size} examples of {example.bytes} "
+                      f"bytes: {example.describe}) is kept in host memory and needs "
+                      f"{_bytes(config.data.eval_size * example.bytes)}, more than the {_bytes(host)} of host "
+                      f"memory{size_note}")
+
+
+def _check_state_memory(config, task, num_devices: int, model, chain_lib, memory) -> None:
+  """Parameters + optimizer state from shapes alone (`jax.eval_shape` of `tx.init`: traced, never compiled)."""
+  import jax
+  from flax import nnx
+
+  from chainjax import optim as optim_lib
+
+  if model is None:
+    return
+  params = nnx.state(model, nnx.Param)
+  leaves = [x for x in jax.tree.leaves(params) if hasattr(x, "shape")]
+  param_values = sum(math.prod(x.shape) for x in leaves)
+  param_bytes = sum(math.prod(x.shape) * x.dtype.itemsize for x in leaves)
+  try:
+    tx = optim_lib.build_optimizer(config.optim, max(num_updates(config, getattr(task, "train_size", 0)), 1),
+                                   chain_lib.stage_names(config))
+    opt_leaves = jax.tree.leaves(jax.eval_shape(tx.init, params))
+    opt_bytes = sum(math.prod(x.shape) * x.dtype.itemsize for x in opt_leaves if hasattr(x, "shape"))
+  except (ValueError, TypeError):  # the optimizer's own errors surface when it is built for the run
+    opt_bytes = 0
+  per_device = -(-(param_bytes + opt_bytes) // config.mesh.model)  # the `model` axis splits the state
+  short = _need(per_device, num_devices, memory)
+  if short:
+    need, available, per = short
+    replicas = "" if per else f" ({num_devices} devices x {_bytes(per_device)})"
+    raise ConfigError("chain.stages", f"the parameters ({param_values} values) and the {config.optim.optimizer} "
+                      f"state need {_bytes(need)}{per}{replicas}, more than the {_bytes(available)} of "
+                      f"{_where(memory)} (the {task.name} input is {tuple(task.input_shape)})")
+
+
+def _validate_chain(config, task, stages_lib, chain_lib):
+  """The stage list against the task; returns the abstract chain (shapes only) for the memory estimate."""
   chain = config.chain
   stages = list(chain.stages)
   specs = task.label_specs
@@ -352,7 +529,7 @@ def _validate_chain(config, task, stages_lib, chain_lib) -> None:
   # Shapes: build the chain abstractly (no parameters allocated, nothing compiled).
   from flax import nnx
   try:
-    nnx.eval_shape(lambda: chain_lib.build_chain(config, task, rngs=nnx.Rngs(0)))
+    return nnx.eval_shape(lambda: chain_lib.build_chain(config, task, rngs=nnx.Rngs(0)))
   except ConfigError:
     raise
   except (ValueError, TypeError) as e:

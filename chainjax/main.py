@@ -11,9 +11,13 @@ whatever the environment (e.g. a Cloud TPU pod that sets no such variable); `off
 Each process feeds its slice of every global batch; only process 0 writes logs and metrics.
 
 Exit codes: 0 done (or already finished), 2 bad config or flags (one line naming the
-field; the workdir is not touched), 3 the loss became NaN/inf (the last good
-checkpoint is kept), 4 preempted: a SIGTERM (to any one process) stopped every process
-at the same step, whose checkpoint is saved; run the same command again to resume.
+field, the config file or the workdir; the workdir is not touched): a config file that does
+not load or a bad variant, an override of a field that does not exist, a workdir that cannot
+be created or written (checked before JAX starts; gs:// is not probed), a value out of range,
+or a batch or train state larger than the host or device memory (estimated from shapes).
+3 the loss became NaN/inf (the last good checkpoint is kept), 4 preempted: a SIGTERM (to any
+one process) stopped every process at the same step, whose checkpoint is saved; run the same
+command again to resume.
 5 a checkpoint could not be written (e.g. the disk is full: "checkpoint save failed at
 step N: No space left on device"); the run stops at the next step, the last good
 checkpoint is kept and is where a rerun resumes once the cause is fixed.
@@ -58,6 +62,11 @@ _HEARTBEAT_TIMEOUT = flags.DEFINE_integer(
 _INIT_TIMEOUT = flags.DEFINE_integer(
     "initialization_timeout", 300, "Seconds to wait for every process to join; then exit with code 7.",
     lower_bound=1)
+_ALLOW_CONFIG_CHANGE = flags.DEFINE_bool(
+    "allow_config_change", False,
+    "Resume a workdir whose checkpoint was saved with a different config (other than its length and "
+    "eval/log/checkpoint intervals, which may always change); the change is logged and recorded in the "
+    "checkpoints. Without it such a relaunch stops with exit code 2, listing the fields.")
 _STEP_TIMEOUT = flags.DEFINE_float(
     "step_timeout", 1800,
     "Seconds without a completed train step or eval batch (counted from start-up, so it must exceed start-up, "
@@ -89,13 +98,157 @@ def _fail(message: str, code: int) -> None:
 
 
 def parse_flags(argv: list[str]) -> list[str]:
-  """absl flag parsing, but a bad flag or config override is one line and exit code 2."""
+  """absl flag parsing, but a bad flag, config file, variant or override is one line and exit code 2.
+
+  Runs before JAX starts (absl's config_flags loads the config file while flags are parsed),
+  so a config that cannot load costs no JAX start-up and never touches the workdir.
+  """
   try:
-    return flags.FLAGS(argv)
-  except flags.Error as e:
-    _fail(str(e).splitlines()[0] if str(e) else repr(e), EXIT_BAD_CONFIG)
-  except (ValueError, TypeError, AttributeError, KeyError, SyntaxError) as e:  # raised by the config file
-    _fail(f"--config: {e}", EXIT_BAD_CONFIG)
+    rest = flags.FLAGS(argv)
+  except Exception as e:  # flags.Error, or whatever the config file itself raised
+    _fail(_flag_error_message(e, argv), EXIT_BAD_CONFIG)
+  load_error = _config_load_error(argv)
+  if load_error:
+    _fail(load_error, EXIT_BAD_CONFIG)
+  return rest
+
+
+def _config_arg(argv: list[str]) -> str:
+  """The `--config` value of the command line ("" when absent)."""
+  for i, arg in enumerate(argv):
+    if arg.startswith("--config="):
+      return arg.partition("=")[2]
+    if arg == "--config" and i + 1 < len(argv):
+      return argv[i + 1]
+  return ""
+
+
+def _last_line(text: str) -> str:
+  lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
+  return lines[-1] if lines else ""
+
+
+def _config_load_error(argv: list[str]) -> str | None:
+  """The reason the config file could not be loaded, as one line; None when it loaded (or was not given).
+
+  config_flags keeps an IOError (no such file) as a placeholder config that raises on first use.
+  """
+  try:
+    value = flags.FLAGS["config"].value
+    if value is not None:
+      getattr(value, "keys")
+  except OSError as e:
+    cause = e.__cause__ or e
+    return f"--config={_config_arg(argv)}: cannot load the config file: {_last_line(str(cause))}"
+  except Exception:  # noqa: BLE001 - nothing else is a load error
+    return None
+  return None
+
+
+def _bad_override(argv: list[str]) -> str | None:
+  """The first `--config.<path>=...` whose path is not in the loaded config, as one line (None: all exist)."""
+  try:
+    config = flags.FLAGS["config"].value
+    if config is None:  # an override failed before the flag kept its value: load the file as config_flags does
+      import importlib.util
+
+      path, colon, variant = _config_arg(argv).partition(":")
+      spec = importlib.util.spec_from_file_location("chainjax_config_file", path)
+      module = importlib.util.module_from_spec(spec)
+      spec.loader.exec_module(module)
+      config = module.get_config(variant) if colon else module.get_config()
+    config.keys()
+  except Exception:  # noqa: BLE001 - no config to compare with: the caller reports the error itself
+    return None
+  for arg in argv[1:]:
+    if not arg.startswith("--config."):
+      continue
+    path = arg[len("--"):].partition("=")[0]
+    parts = path.split(".")[1:]
+    if any("[" in part for part in parts):
+      continue
+    node, seen = config, "config"
+    for part in parts:
+      if not hasattr(node, "keys"):
+        break
+      if part not in node.keys():
+        known = ", ".join(sorted(node.keys()))
+        if seen == "config.optim.per_stage":
+          return f"--{path}: {part!r} is not a stage name; stages: {known}"
+        return f"--{path}: {part!r} is not a field of {seen}; known fields: {known}"
+      node, seen = node[part], f"{seen}.{part}"
+  return None
+
+
+def _flag_error_message(error: Exception, argv: list[str]) -> str:
+  """One line for an error of flag parsing: the config file's own reason, a bad override, or absl's line."""
+  load_error = _config_load_error(argv)
+  if load_error:
+    return load_error
+  if "Error whilst parsing config file" not in str(error):
+    bad_override = _bad_override(argv)
+    if bad_override:
+      return bad_override
+    if isinstance(error, flags.Error):
+      return str(error).splitlines()[0] if str(error) else repr(error)
+  # The config file raised: absl wraps config_flags' wrapper around the real error (the __context__ chain).
+  original, seen = error, set()
+  while original.__context__ is not None and id(original) not in seen:
+    seen.add(id(original))
+    original = original.__context__
+  reason = _last_line(str(original)) or type(original).__name__
+  if isinstance(original, OSError):
+    reason = f"cannot load the config file: {reason}"
+  elif not isinstance(original, (ValueError, TypeError)) or isinstance(original, UnicodeError):
+    reason = f"{type(original).__name__}: {reason}"
+  return f"--config={_config_arg(argv)}: {reason}"
+
+
+def workdir_problem(workdir: str) -> str | None:
+  """Why `workdir` cannot be used, as one line, or None: it is (or can be made) a folder we can write.
+
+  Probes for real (creates the missing folders and a file, then removes exactly those), since
+  permissions say little for root, a read-only mount or a pseudo-filesystem such as /proc.
+  Paths with a scheme (gs://...) are not probed: epath reaches them only once the run starts.
+  """
+  if "://" in workdir:
+    return None
+  path = os.path.abspath(workdir)  # as the run will use it (epath does not expand ~ either)
+  existing = path
+  while not os.path.lexists(existing):
+    existing = os.path.dirname(existing)
+  if not os.path.isdir(existing):
+    what = "it" if existing == path else existing
+    return f"--workdir={workdir}: {what} exists and is not a directory"
+  created = []
+  probe = os.path.join(path, f".chainjax-write-probe-{os.uname().nodename}-{os.getpid()}")
+  try:
+    missing = []
+    parent = path
+    while parent != existing:
+      missing.append(parent)
+      parent = os.path.dirname(parent)
+    for folder in reversed(missing):
+      try:
+        os.mkdir(folder)
+        created.append(folder)
+      except FileExistsError:  # another process of the same run made it
+        pass
+      except OSError as e:
+        return f"--workdir={workdir}: cannot create directory {folder}: {e.strerror or e}"
+    try:
+      with open(probe, "w") as f:
+        f.write("probe")
+      os.remove(probe)
+    except OSError as e:
+      return f"--workdir={workdir}: cannot write in it: {e.strerror or e}"
+  finally:
+    for folder in reversed(created):  # leave the disk as found; a folder another process now uses stays
+      try:
+        os.rmdir(folder)
+      except OSError:
+        pass
+  return None
 
 
 class _QuietLibraries(py_logging.Filter):
@@ -172,6 +325,9 @@ def main(argv: list[str]) -> None:
     _fail("--config is required, e.g. --config=configs/default.py", EXIT_BAD_CONFIG)
   if not _WORKDIR.value:
     _fail("--workdir is required", EXIT_BAD_CONFIG)
+  problem = workdir_problem(_WORKDIR.value)  # before JAX starts: a bad path costs no start-up
+  if problem:
+    _fail(problem, EXIT_BAD_CONFIG)
 
   if (_COORDINATOR.value is None) != (_NUM_PROCESSES.value is None) or (
       (_NUM_PROCESSES.value is None) != (_PROCESS_ID.value is None)):
@@ -208,7 +364,8 @@ def main(argv: list[str]) -> None:
     # Stopped (never fires) once training returns or raises; counts from here, so it covers start-up.
     with watchdog.Watchdog(step_timeout, on_hang, name="chainjax-step-timeout") as step_watchdog:
       final = train.train_and_evaluate(config, _WORKDIR.value,  # validates config and data first
-                                       heartbeat=step_watchdog.beat)
+                                       heartbeat=step_watchdog.beat,
+                                       allow_config_change=_ALLOW_CONFIG_CHANGE.value)
   except config_lib.ConfigError as e:
     _fail(str(e), EXIT_BAD_CONFIG)
   except train.NonFiniteLossError as e:

@@ -182,6 +182,31 @@ def _check_positive(name: str, value: float) -> float:
   return value
 
 
+def static_options(scale: float) -> dict[str, float]:
+  """The checked options of `static_loss_scale`; raises ValueError. `parse_loss_scale` (and so
+  `config.validate`) runs the same check, so a config string that validates always builds."""
+  return {"scale": _check_positive("scale", scale)}
+
+
+def dynamic_options(initial_scale: float = 2.0**15, period: int = 2000, factor: float = 2.0,
+                    min_scale: float = 1.0) -> dict[str, float]:
+  """The checked options of `dynamic_loss_scale` (defaults filled in); raises ValueError.
+
+  The one place the options are judged: `dynamic_loss_scale` and `parse_loss_scale` (and so
+  `config.validate`) both call it.
+  """
+  initial_scale = _check_positive("initial_scale", initial_scale)
+  min_scale = _check_positive("min_scale", min_scale)
+  factor = float(factor)
+  if not np.isfinite(factor) or factor <= 1:
+    raise ValueError(f"loss scale: factor must be a finite number > 1, got {factor}")
+  if isinstance(period, bool) or not np.isfinite(period) or int(period) != period or period < 1:
+    raise ValueError(f"loss scale: period must be an integer >= 1, got {period}")
+  if initial_scale < min_scale:
+    raise ValueError(f"loss scale: initial_scale ({initial_scale}) is below min_scale ({min_scale})")
+  return {"initial_scale": initial_scale, "period": int(period), "factor": factor, "min_scale": min_scale}
+
+
 def static_loss_scale(inner: optax.GradientTransformation, scale: float) -> optax.GradientTransformationExtraArgs:
   """Divides the (scaled) gradients by a fixed `scale`, then runs `inner`.
 
@@ -195,7 +220,7 @@ def static_loss_scale(inner: optax.GradientTransformation, scale: float) -> opta
     >>> current_loss_scale(state)  # the train step multiplies its loss by this
     Array(128., dtype=float32)
   """
-  scale = _check_positive("scale", scale)
+  scale = static_options(scale)["scale"]
   inner = optax.with_extra_args_support(inner)
 
   def init(params):
@@ -238,16 +263,8 @@ def dynamic_loss_scale(
     >>> current_loss_scale(state), skipped_steps(state)
     (Array(16384., dtype=float32), Array(1, dtype=int32))
   """
-  initial_scale = _check_positive("initial_scale", initial_scale)
-  min_scale = _check_positive("min_scale", min_scale)
-  factor = float(factor)
-  if not np.isfinite(factor) or factor <= 1:
-    raise ValueError(f"loss scale: factor must be a finite number > 1, got {factor}")
-  if int(period) != period or period < 1:
-    raise ValueError(f"loss scale: period must be an integer >= 1, got {period}")
-  period = int(period)
-  if initial_scale < min_scale:
-    raise ValueError(f"loss scale: initial_scale ({initial_scale}) is below min_scale ({min_scale})")
+  options = dynamic_options(initial_scale, period, factor, min_scale)
+  initial_scale, period, factor, min_scale = (options[k] for k in ("initial_scale", "period", "factor", "min_scale"))
   inner = optax.with_extra_args_support(inner)
 
   def init(params):
@@ -290,15 +307,15 @@ LOSS_SCALE_FORMS = ("none", "static:<value>",
 _DYNAMIC_KEYS = ("initial_scale", "period", "factor", "min_scale")
 
 
-def _parse_number(text: str, where: str) -> float:
-  """A float, or `a**b` (so `initial_scale=2**15` reads as written)."""
+def _parse_number(text: str) -> float:
+  """A float, or `a**b` (so `initial_scale=2**15` reads as written); ValueError for anything else."""
   try:
     if "**" in text:
       base, _, exponent = text.partition("**")
       return float(base) ** float(exponent)
     return float(text)
   except (ValueError, OverflowError):
-    raise ValueError(f"loss scale: {text.strip()!r} in {where!r} is not a number") from None
+    raise ValueError(f"{text.strip()!r} is not a number") from None
 
 
 def _bad_spec(spec: str, why: str) -> ValueError:
@@ -306,19 +323,28 @@ def _bad_spec(spec: str, why: str) -> ValueError:
 
 
 def parse_loss_scale(spec: str) -> tuple[str, dict[str, float]]:
-  """`"dynamic:period=100"` -> ("dynamic", {"period": 100}); raises ValueError naming the allowed forms."""
+  """`"dynamic:period=100"` -> ("dynamic", {"period": 100}); raises one-line ValueError naming the allowed forms.
+
+  Judges the options with the checks of the builders themselves (`static_options`,
+  `dynamic_options`), so what parses here builds in `build_loss_scale`, and
+  `config.validate` refuses everything the optimizer would. Returns only the options given.
+  """
   kind, colon, rest = spec.strip().partition(":")
   kind = kind.strip().lower()
   if kind == "none":
     if colon:
       raise _bad_spec(spec, "'none' takes no options")
     return "none", {}
-  if kind == "static":
-    if not rest.strip():
-      raise _bad_spec(spec, "'static' needs a value, e.g. 'static:1024'")
-    return "static", {"scale": _parse_number(rest, spec)}
-  if kind == "dynamic":
-    options: dict[str, float] = {}
+  if kind not in ("static", "dynamic"):
+    raise _bad_spec(spec, f"unknown kind {kind!r}")
+  options: dict[str, float] = {}
+  try:
+    if kind == "static":
+      if not rest.strip():
+        raise _bad_spec(spec, "'static' needs a value, e.g. 'static:1024'")
+      options["scale"] = _parse_number(rest)
+      static_options(**options)
+      return "static", options
     for part in rest.split(",") if rest.strip() else ():
       key, eq, value = part.partition("=")
       key = key.strip()
@@ -326,14 +352,16 @@ def parse_loss_scale(spec: str) -> tuple[str, dict[str, float]]:
         raise _bad_spec(spec, f"bad dynamic option {part.strip()!r} (keys: {', '.join(_DYNAMIC_KEYS)})")
       if key in options:
         raise _bad_spec(spec, f"option {key!r} given twice")
-      options[key] = _parse_number(value, spec)
-    if "period" in options:
-      period = options["period"]
-      if period != int(period):
-        raise _bad_spec(spec, f"period must be an integer, got {period}")
-      options["period"] = int(period)
-    return "dynamic", options
-  raise _bad_spec(spec, f"unknown kind {kind!r}")
+      options[key] = _parse_number(value)
+    if "period" in options and np.isfinite(options["period"]) and options["period"] == int(options["period"]):
+      options["period"] = int(options["period"])
+    dynamic_options(**options)
+  except ValueError as e:
+    message = str(e)
+    if message.startswith(f"loss scale {spec!r}: "):  # already in its final form
+      raise
+    raise _bad_spec(spec, message.removeprefix("loss scale: ")) from None
+  return "dynamic", options
 
 
 def build_loss_scale(spec: str, inner: optax.GradientTransformation) -> optax.GradientTransformation:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import json
 import os
 import time
@@ -327,6 +328,64 @@ def _check_divergence(config: ml_collections.ConfigDict, step: int, loss: float,
         "this check off)")
 
 
+# Fields that may differ between a run and its resumption: how often things happen, and the length.
+RESUMABLE_CHANGES = ("eval_every", "log_every", "checkpoint_every", "max_to_keep", "total_steps", "num_epochs")
+
+
+def config_record(config: ml_collections.ConfigDict) -> tuple[dict, str]:
+  """(the config as plain JSON data, its SHA-256): what every checkpoint stores about its run."""
+  data = json.loads(config.to_json_best_effort(sort_keys=True))
+  return data, hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
+
+
+def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:
+  if isinstance(tree, dict):
+    return {k: v for key, sub in tree.items() for k, v in _flat(sub, f"{prefix}{key}.").items()}
+  return {prefix[:-1]: tree}
+
+
+def config_changes(saved: dict, config: ml_collections.ConfigDict) -> dict[str, tuple[Any, Any]]:
+  """`{field: (saved value, new value)}` for every field of `config` that differs from `saved`."""
+  old, new = _flat(saved), _flat(config_record(config)[0])
+  return {k: (old.get(k), new.get(k)) for k in sorted(old.keys() | new.keys()) if old.get(k) != new.get(k)}
+
+
+def _check_resume(config: ml_collections.ConfigDict, saved: tuple[int, dict] | None, allow_change: bool,
+                  directory: str) -> dict[str, tuple[Any, Any]]:
+  """Compares `config` with the one the newest checkpoint was saved with; returns the changes to record.
+
+  A longer run (`total_steps` up, also after the run finished) is logged and trains on, with
+  schedules over the new length; `RESUMABLE_CHANGES` may change freely. Any other difference is a
+  `ConfigError` naming the fields, unless `allow_change` (then it is logged, and recorded in every
+  later checkpoint). Raised before anything is written to the workdir.
+  """
+  if saved is None:
+    return {}
+  step, meta = saved
+  if config.total_steps < step:
+    raise config_lib.ConfigError(
+        "total_steps", f"{config.total_steps} is below step {step}, where the newest checkpoint in {directory} "
+        "was saved; give total_steps >= that step, or a new --workdir")
+  if "config" not in meta:
+    logging.info("The checkpoint at step %d stores no config (an older chainjax): not compared.", step)
+    return {}
+  changes = config_changes(meta["config"], config)
+  if "total_steps" in changes:
+    logging.info("total_steps changed from %s to %s: training on from step %d, with schedules over %s updates.",
+                 *changes["total_steps"], step, config.total_steps)
+  others = {k: v for k, v in changes.items() if k not in RESUMABLE_CHANGES}
+  if others and not allow_change:
+    listed = ", ".join(f"{k} ({old!r} -> {new!r})" for k, (old, new) in list(others.items())[:6])
+    more = f" and {len(others) - 6} more" if len(others) > 6 else ""
+    raise config_lib.ConfigError(
+        next(iter(others)), f"differs from the config of the checkpoint at step {step} in {directory}: {listed}"
+        f"{more}; resume with the same config, use a new --workdir, or pass --allow_config_change")
+  if others:
+    logging.warning("--allow_config_change: resuming step %d with changed fields: %s", step,
+                    ", ".join(f"{k} ({old!r} -> {new!r})" for k, (old, new) in others.items()))
+  return others
+
+
 def _resolve_epochs(config: ml_collections.ConfigDict, task) -> tuple[ml_collections.ConfigDict, int]:
   """(config with `total_steps` in updates, steps per epoch); epoch runs eval and checkpoint every epoch."""
   steps_per_epoch = getattr(task, "train_size", 0) // config.batch_size
@@ -341,12 +400,14 @@ def _resolve_epochs(config: ml_collections.ConfigDict, task) -> tuple[ml_collect
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
-                       heartbeat: Callable[[], None] = lambda: None) -> dict[str, float]:
+                       heartbeat: Callable[[], None] = lambda: None,
+                       allow_config_change: bool = False) -> dict[str, float]:
   """Trains `config` in `workdir` (resuming from its latest good checkpoint); returns final metrics.
 
   `heartbeat()` is called whenever a train step or an eval batch completes (a watchdog's
   sign of life). Raises `config.ConfigError` (before anything is written) for a bad config
-  or dataset.
+  or dataset, and for a config that differs from the checkpoint's (see `_check_resume`;
+  `allow_config_change` accepts the difference).
   """
   task = config_lib.validate(config, jax.device_count(), workdir=workdir)
   config, steps_per_epoch = _resolve_epochs(config, task)
@@ -372,25 +433,41 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   state_shardings = train_state_shardings(config, state, mesh)
   state = jax.device_put(state, state_shardings)
 
-  # Workdir, writers, checkpoint restore.
+  # Checkpoint restore (the saved config checked first), then the workdir and writers.
+  checkpoint_dir = os.path.join(workdir, "checkpoints")
+  checkpointer = checkpoint_lib.Checkpointer(checkpoint_dir, max_to_keep=config.max_to_keep)
+  try:
+    saved = checkpointer.latest_metadata()
+    changes = _check_resume(config, saved, allow_config_change, checkpoint_dir)
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
+    try:
+      restored = checkpointer.restore_latest(abstract)
+    except ValueError as e:  # the model or optimizer changed shape (only with --allow_config_change)
+      raise config_lib.ConfigError("chain", f"the checkpoint does not fit this config: {e}") from None
+  except BaseException:
+    checkpointer.close()
+    raise
+  meta: dict[str, Any] = {}
+  restored_step = 0
+  if restored is not None:
+    restored_step, state, meta = restored
+    logging.info("Resumed from %s at step %d.", checkpoint_dir, restored_step)
+    longer = config.total_steps > meta.get("config", {}).get("total_steps", config.total_steps)
+    if meta.get("finished") and not longer:  # a finished run trains on only when asked for more steps
+      logging.info("This run already finished at step %d; final metrics: %s", restored_step,
+                   json.dumps(meta["final_metrics"]))
+      checkpointer.close()
+      return meta["final_metrics"]
+  config_json, config_hash = config_record(config)
+  config_history = list(meta.get("config_changes", []))
+  if changes:
+    config_history.append({"step": restored_step, "changes": {k: list(v) for k, v in changes.items()}})
   if is_main:  # epath: the workdir may be local or gs://
     epath.Path(workdir).mkdir(parents=True, exist_ok=True)
     (epath.Path(workdir) / "config.json").write_text(config.to_json_best_effort(indent=2, sort_keys=True))
     task.save(workdir)
   writer = metrics_lib.MetricWriter(workdir, enabled=is_main)
-  checkpointer = checkpoint_lib.Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=config.max_to_keep)
-  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
-  restored = checkpointer.restore_latest(abstract)
-  meta: dict[str, Any] = {}
   if restored is not None:
-    restored_step, state, meta = restored
-    logging.info("Resumed from %s at step %d.", os.path.join(workdir, "checkpoints"), restored_step)
-    if meta.get("finished"):
-      logging.info("This run already finished at step %d; final metrics: %s", restored_step,
-                   json.dumps(meta["final_metrics"]))
-      checkpointer.close()
-      writer.close()
-      return meta["final_metrics"]
     writer.resume(restored_step)  # metrics.jsonl and TensorBoard: steps <= restored_step, each once
     _restore_input_position(train_iter, checkpointer, restored_step)
   else:
@@ -530,7 +607,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
           finished = stop or step == config.total_steps
           checkpointer.save(step, state, {"early_stopping": stopper.to_json(), "finished": finished,
                                           "final_metrics": final_metrics if finished else None,
-                                          "reference_loss": reference_loss},
+                                          "reference_loss": reference_loss, "config": config_json,
+                                          "config_hash": config_hash, "config_changes": config_history},
                             data_state=train_iter.get_state())
   except BaseException:  # NaN, divergence, a failed save, Ctrl-C: finish the last good save, close the writers
     with contextlib.suppress(Exception):

@@ -189,6 +189,24 @@ BAD_VALUES = [
     ("mesh.model", 3, "config.mesh.model: 3 does not divide the 8 devices"),
     ("precision.policy", "compute=float8", "config.precision.policy: precision policy: unknown dtype 'float8'"),
     ("precision.loss_scale", "dynamic:foo=1", "config.precision.loss_scale: loss scale 'dynamic:foo=1': bad"),
+    # Accepted by the parser alone once, refused only when the optimizer was built: now by validate().
+    ("precision.loss_scale", "dynamic:period=-1", "config.precision.loss_scale: loss scale 'dynamic:period=-1': "
+     "period must be an integer >= 1, got -1"),
+    ("precision.loss_scale", "static:0", "config.precision.loss_scale: loss scale 'static:0': scale must be a "
+     "finite number > 0, got 0.0"),
+    ("precision.loss_scale", "dynamic:initial_scale=1,min_scale=2", "config.precision.loss_scale: loss scale "
+     "'dynamic:initial_scale=1,min_scale=2': initial_scale (1.0) is below min_scale (2.0)"),
+    # Seeds: jax.random.key takes an int64, the data streams a uint32 range is kept to.
+    ("seed", 2**32, "config.seed: must be in [0, 4294967295], got 4294967296"),
+    ("data.seed", 2**64, "config.data.seed: must be in [0, 4294967295], got 18446744073709551616"),
+    # Memory (on any machine: 10**12 examples are terabytes).
+    ("batch_size", 10**12, "config.batch_size: one train batch (1000000000000 examples of 288 bytes"),
+    ("eval_batch_size", 10**12, "config.eval_batch_size: one eval batch (1000000000000 examples of 288 bytes"),
+    ("data.d", 10**12, "config.data.d: one example (inputs (1000000000000,) float32 + labels + mask, "
+     "data.d=1000000000000) is"),
+    ("data.eval_size", 10**12, "config.data.eval_size: the held-out set (1000000000000 examples of 288 bytes"),
+    ("chain.loss_weights", ("(1.0,nan,1.0)",), "config.chain.loss_weights: could not parse '(1.0,nan,1.0)' as a "
+     "tuple of numbers"),
 ]
 
 # Fields with no bad value validate() could know: free-form strings read only by the data
@@ -328,3 +346,215 @@ def test_cli_rejects_bad_config_with_exit_2_and_leaves_workdir_untouched(tmp_pat
   lines = [l for l in proc.stderr.splitlines() if l.startswith("chainjax: error:")]
   assert len(lines) == 1 and expected in lines[0], proc.stderr[-2000:]
   assert not workdir.exists()
+
+
+# --------------------------------------------------------------------------------------------
+# Preflight: what fails before (or instead of) a run, with one line and exit code 2.
+# --------------------------------------------------------------------------------------------
+
+
+def _run_cli(tmp_path, *args, config="configs/default.py:runlocal", workdir=None):
+  """`python -m chainjax.main --config=<config> --workdir=<workdir> <args>`: (process, workdir, error lines)."""
+  workdir = tmp_path / "workdir" if workdir is None else workdir
+  proc = subprocess.run(
+      [sys.executable, "-m", "chainjax.main", f"--config={config}", f"--workdir={workdir}", *args],
+      cwd=REPO, capture_output=True, text=True, timeout=180,
+      env={**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"})
+  lines = [l for l in proc.stderr.splitlines() if l.startswith("chainjax: error:")]
+  return proc, workdir, lines
+
+
+def _assert_one_line_exit_2(proc, lines, *expected):
+  assert proc.returncode == 2, proc.stderr[-3000:]
+  assert len(lines) == 1, proc.stderr[-3000:]
+  assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+  for text in expected:
+    assert text in lines[0], lines[0]
+
+
+@pytest.mark.parametrize("override,expected", [
+    # Memory: the estimate of one batch (inputs + labels) or of an example against host memory (8 CPU devices).
+    ("--config.batch_size=1000000000", ["config.batch_size:", "train batch", "bytes", "host memory"]),
+    ("--config.eval_batch_size=1000000000", ["config.eval_batch_size:", "eval batch", "bytes", "host memory"]),
+    ("--config.data.d=1000000000", ["data.d=1000000000", "bytes", "host memory"]),
+    # Loss-scale strings the optimizer builder would refuse: refused by validate() with the same code.
+    ("--config.precision.loss_scale=dynamic:period=-1", ["config.precision.loss_scale:", "period must be"]),
+    ("--config.precision.loss_scale=static:0", ["config.precision.loss_scale:", "scale must be a finite number > 0"]),
+    ("--config.precision.loss_scale=dynamic:initial_scale=1,min_scale=2",
+     ["config.precision.loss_scale:", "initial_scale (1.0) is below min_scale (2.0)"]),
+    # A seed JAX cannot take (jax.random.key: int64) and a tuple ml_collections could not parse.
+    ("--config.seed=18446744073709551616", ["config.seed: must be in [0, 4294967295], got 18446744073709551616"]),
+    ("--config.chain.loss_weights=(1.0,nan,1.0)",
+     ["config.chain.loss_weights: could not parse '(1.0,nan,1.0)' as a tuple of numbers"]),
+    # An override of a stage that does not exist: the known stage names, on one line.
+    ("--config.optim.per_stage.nosuch.frozen=True",
+     ["--config.optim.per_stage.nosuch.frozen: 'nosuch' is not a stage name; stages: level1, level2, level3"]),
+    ("--config.optim.nosuch=1", ["--config.optim.nosuch: 'nosuch' is not a field of config.optim; known fields:"]),
+])
+def test_cli_preflight_refuses_with_one_line(tmp_path, override, expected):
+  proc, workdir, lines = _run_cli(tmp_path, override)
+  _assert_one_line_exit_2(proc, lines, *expected)
+  assert not workdir.exists()
+
+
+@pytest.mark.parametrize("config,expected", [
+    ("configs/nosuch.py", ["--config=configs/nosuch.py:", "No such file or directory"]),
+    ("configs/default.py:nosuchvariant",
+     ["--config=configs/default.py:nosuchvariant: unknown config argument 'nosuchvariant'; allowed: mode, runlocal"]),
+    ("configs/default.py:runlocal=maybe",
+     ["--config=configs/default.py:runlocal=maybe: config argument 'runlocal' must be true or false", "'maybe'"]),
+])
+def test_cli_refuses_a_bad_config_file_or_variant_before_jax_starts(tmp_path, config, expected):
+  proc, workdir, lines = _run_cli(tmp_path, config=config)
+  _assert_one_line_exit_2(proc, lines, *expected)
+  assert "JAX" not in proc.stderr  # main() logs "JAX <version> on ..." once JAX is up: it never got there
+  assert not workdir.exists()
+
+
+def test_cli_refuses_a_workdir_that_cannot_be_created_or_written(tmp_path):
+  """A file, a path below a file, a folder in a pseudo-filesystem: one line naming the workdir, before JAX starts."""
+  a_file = tmp_path / "a_file"
+  a_file.write_text("not a directory")
+  for workdir, reason in [(a_file, "is not a directory"), (a_file / "below", "is not a directory"),
+                          ("/proc/chainjax_no_such_dir", "cannot create")]:
+    proc, _, lines = _run_cli(tmp_path, workdir=workdir)
+    _assert_one_line_exit_2(proc, lines, f"--workdir={workdir}:", reason)
+    assert "JAX" not in proc.stderr
+  assert a_file.read_text() == "not a directory"
+  assert not os.path.exists("/proc/chainjax_no_such_dir")
+
+
+def test_workdir_preflight_leaves_no_trace_and_passes_gs_paths(tmp_path):
+  from chainjax import main as main_lib
+
+  fresh = tmp_path / "new" / "workdir"
+  assert main_lib.workdir_problem(str(fresh)) is None
+  assert not (tmp_path / "new").exists()  # the folders it created to probe are removed again
+  existing = tmp_path / "existing"
+  existing.mkdir()
+  (existing / "keep").write_text("x")
+  assert main_lib.workdir_problem(str(existing)) is None
+  assert sorted(os.listdir(existing)) == ["keep"]
+  assert main_lib.workdir_problem("gs://some-bucket/runs/x") is None  # not probed: no local folder is made
+  assert not os.path.exists("gs:")
+  assert "is not a directory" in main_lib.workdir_problem(str(existing / "keep"))
+  # A folder that exists but takes no files (procfs refuses even root).
+  assert main_lib.workdir_problem("/proc").startswith("--workdir=/proc: cannot write in it:")
+
+
+@pytest.mark.parametrize("arg,expected", [
+    ("runlocal", {"mode": "deep_supervision", "runlocal": True}),
+    ("runlocal=TRUE", {"mode": "deep_supervision", "runlocal": True}),
+    ("runlocal=yes", {"mode": "deep_supervision", "runlocal": True}),
+    ("runlocal=1", {"mode": "deep_supervision", "runlocal": True}),
+    ("runlocal=False", {"mode": "deep_supervision", "runlocal": False}),
+    ("runlocal=no,mode=decoupled", {"mode": "decoupled", "runlocal": False}),
+    ("runlocal=0", {"mode": "deep_supervision", "runlocal": False}),
+])
+def test_parse_arg_reads_bools(arg, expected):
+  assert config_lib.parse_arg(arg, mode="deep_supervision", runlocal=False) == expected
+
+
+@pytest.mark.parametrize("arg,words", [
+    ("runlocal=maybe", ["'runlocal'", "true or false", "'maybe'"]),
+    ("runlocal=tru", ["'runlocal'", "'tru'"]),
+    ("steps=many", ["'steps'", "int", "'many'"]),
+    ("nosuch", ["unknown config argument 'nosuch'", "allowed: mode, runlocal, steps"]),
+])
+def test_parse_arg_refuses_malformed_values(arg, words):
+  with pytest.raises(ValueError) as info:
+    config_lib.parse_arg(arg, mode="deep_supervision", runlocal=False, steps=10)
+  for word in words:
+    assert word in str(info.value)
+
+
+@pytest.mark.parametrize("field", ["seed", "data.seed"])
+def test_seeds_must_fit_32_bits(field):
+  config = _set(default.get_config(), field, 2**32 - 1)
+  config_lib.validate(config, num_devices=DEVICES)  # the largest seed is accepted
+  config = _set(default.get_config(), field, 2**32)
+  message = _error(config, DEVICES)
+  assert message == f"config.{field}: must be in [0, 4294967295], got 4294967296"
+
+
+@pytest.mark.parametrize("field", ["chain.loss_weights", "chain.phase_steps", "optim.boundaries", "optim.scales"])
+def test_an_unparsed_tuple_string_is_named_as_such(field):
+  """ml_collections turns `--config.x='(1.0,nan,1.0)'` into the 1-tuple ('(1.0,nan,1.0)',)."""
+  config = _set(default.get_config(), field, ("(1.0,nan,1.0)",))
+  message = _error(config, DEVICES)
+  assert message == f"config.{field}: could not parse '(1.0,nan,1.0)' as a tuple of numbers"
+
+
+def test_unknown_per_stage_name_is_one_clean_line():
+  config = default.get_config()
+  config.optim.per_stage.nosuch = config_lib.stage_optim(frozen=True)
+  message = _error(config, DEVICES)
+  assert message == "config.optim.per_stage.nosuch: 'nosuch' is not a stage name; stages: level1, level2, level3"
+
+
+# Memory estimates: the machine is replaced by a fixed one, so the numbers below hold anywhere.
+_EXAMPLE = 64 * 4 + (4 + 2 + 1) * 4 + 4  # default parity example: 64 float32 inputs, 7 labels, the mask = 288 bytes
+
+
+def _machine(monkeypatch, host, device=None):
+  monkeypatch.setattr(config_lib, "available_memory", lambda: (host, device))
+
+
+def test_batch_larger_than_host_memory_is_refused(monkeypatch):
+  _machine(monkeypatch, host=10**9)
+  config = default.get_config()
+  config.batch_size = 8 * 10**6
+  message = _error(config, DEVICES)
+  assert message.startswith(f"config.batch_size: one train batch (8000000 examples of {_EXAMPLE} bytes: "
+                            "inputs (64,) float32 + labels + mask) needs 2304000000 bytes (2.3 GB), more than the "
+                            "1000000000 bytes (1.0 GB) of host memory"), message
+  config = default.get_config()
+  config.eval_batch_size = 8 * 10**6
+  assert _error(config, DEVICES).startswith("config.eval_batch_size: one eval batch (8000000 examples")
+
+
+def test_per_device_batch_larger_than_device_memory_is_refused(monkeypatch):
+  _machine(monkeypatch, host=10**12, device=10**8)
+  config = default.get_config()
+  config.batch_size = 8 * 10**6  # 10**6 per device: 288 MB on a device of 100 MB
+  message = _error(config, DEVICES)
+  assert message.startswith(f"config.batch_size: one train batch (8000000 examples of {_EXAMPLE} bytes"), message
+  assert f"needs {10**6 * _EXAMPLE} bytes (0.3 GB) per device, more than the 100000000 bytes (0.1 GB) of " \
+         "device memory" in message, message
+
+
+def test_example_too_large_for_one_per_device_names_its_size_field(monkeypatch):
+  _machine(monkeypatch, host=10**9)
+  config = default.get_config()
+  config.data.d = 10**8  # 400 MB per example: 8 devices x 1 example is already 3.2 GB
+  message = _error(config, DEVICES)
+  assert message.startswith("config.data.d: one example (inputs (100000000,) float32 + labels + mask, data.d="
+                            "100000000) is 400000032 bytes (0.4 GB)"), message
+  assert "1000000000 bytes (1.0 GB) of host memory" in message
+
+
+def test_held_out_set_larger_than_host_memory_is_refused(monkeypatch):
+  _machine(monkeypatch, host=10**9)
+  config = default.get_config()
+  config.data.eval_size = 8 * 10**6
+  assert _error(config, DEVICES).startswith(
+      f"config.data.eval_size: the held-out set (8000000 examples of {_EXAMPLE} bytes")
+
+
+def test_parameters_and_optimizer_state_larger_than_memory_are_refused(monkeypatch):
+  _machine(monkeypatch, host=4 * 10**6)  # the batches fit; 8 replicas of params + adam state do not
+  config = default.get_config()
+  config.batch_size, config.eval_batch_size, config.data.eval_size = 8, 8, 8
+  message = _error(config, DEVICES)
+  assert message.startswith("config.chain.stages: the parameters ("), message
+  assert "and the adam state need" in message and "more than the 4000000 bytes (0.0 GB) of host memory" in message
+
+
+def test_memory_estimate_is_cheap_and_real_memory_is_read():
+  import time
+
+  host, device = config_lib.available_memory()
+  assert host > 10**8 and (device is None or device > 0)
+  start = time.perf_counter()
+  config_lib.validate(default.get_config(), num_devices=DEVICES)
+  assert time.perf_counter() - start < 10  # shapes only: nothing is allocated or compiled

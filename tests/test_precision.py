@@ -337,3 +337,35 @@ def test_docstring_examples_run():
   import doctest
   result = doctest.testmod(precision, extraglobs={"jnp": jnp, "optax": optax}, optionflags=doctest.ELLIPSIS)
   assert result.attempted >= 10 and result.failed == 0
+
+
+@pytest.mark.parametrize("spec, why", [
+    ("dynamic:period=-1", "period must be an integer >= 1, got -1"),
+    ("dynamic:period=0", "period must be an integer >= 1, got 0"),
+    ("dynamic:factor=1", "factor must be a finite number > 1, got 1.0"),
+    ("dynamic:min_scale=0", "min_scale must be a finite number > 0, got 0.0"),
+    ("dynamic:initial_scale=1,min_scale=2", "initial_scale (1.0) is below min_scale (2.0)"),
+    ("dynamic:initial_scale=2**2000", "'2**2000'"),  # float overflow: not a number
+    ("static:0", "scale must be a finite number > 0, got 0.0"),
+    ("static:-4", "scale must be a finite number > 0, got -4.0"),
+    ("static:inf", "scale must be a finite number > 0, got inf"),
+])
+def test_parse_loss_scale_refuses_what_the_builder_refuses(spec, why):
+  """One check for both: a string parse_loss_scale accepts (what validate() runs) always builds."""
+  with pytest.raises(ValueError) as parsed:
+    precision.parse_loss_scale(spec)
+  with pytest.raises(ValueError) as built:
+    precision.build_loss_scale(spec, optax.sgd(0.1))
+  assert str(parsed.value) == str(built.value)
+  assert why in str(parsed.value) and str(parsed.value).startswith(f"loss scale {spec!r}: ")
+  assert "\n" not in str(parsed.value)
+
+
+@pytest.mark.parametrize("spec", ["none", "static:1024", "static:2**15", "dynamic", "dynamic:period=1",
+                                  "dynamic:initial_scale=4,min_scale=4,factor=1.5,period=10"])
+def test_every_parsed_loss_scale_builds(spec):
+  kind, options = precision.parse_loss_scale(spec)
+  tx = precision.build_loss_scale(spec, optax.sgd(0.1))
+  state = tx.init(_params())
+  expected = {"none": 1.0, "static": options.get("scale"), "dynamic": options.get("initial_scale", 2.0**15)}[kind]
+  assert float(precision.current_loss_scale(state)) == expected

@@ -9,10 +9,11 @@ import jax
 import numpy as np
 import pytest
 
+from chainjax import config as config_lib
 from chainjax import metrics as metrics_lib
 from chainjax import train
 
-from helpers import assert_trees_equal, checkpoint_steps, final_state, load_config
+from helpers import assert_trees_equal, checkpoint_steps, final_state, load_config, override
 
 
 @pytest.mark.parametrize("mode", ["end_to_end", "deep_supervision", "decoupled", "progressive"])
@@ -169,3 +170,57 @@ def jax_tree_values(tree):
       return tree["value"]
     return {k: jax_tree_values(v) for k, v in tree.items()}
   return tree
+
+
+def _unfinished_run(tmp_path, **overrides):
+  """A 40-step run cut after its step-20 checkpoint (as a kill would leave it)."""
+  config = load_config("default", "runlocal", total_steps=40, eval_every=10, checkpoint_every=20, **overrides)
+  train.train_and_evaluate(config, str(tmp_path))
+  shutil.rmtree(tmp_path / "checkpoints" / "40")
+  return config
+
+
+def test_a_finished_run_given_more_steps_trains_on(tmp_path, caplog):
+  import logging
+  config = load_config("default", "runlocal", total_steps=20, eval_every=10, checkpoint_every=10)
+  train.train_and_evaluate(config, str(tmp_path))
+  caplog.set_level(logging.INFO)
+  final = train.train_and_evaluate(override(config, total_steps=30), str(tmp_path))
+  assert final["step"] == 30 and checkpoint_steps(tmp_path)[-1] == 30
+  assert [r["step"] for r in metrics_lib.read_metrics(str(tmp_path))] == [10, 20, 30]
+  assert any("total_steps changed from 20 to 30: training on from step 20" in r.getMessage() for r in caplog.records)
+  assert json.loads((tmp_path / "config.json").read_text())["total_steps"] == 30
+
+
+@pytest.mark.parametrize("field,value", [("chain.mode", "decoupled"), ("seed", 7), ("optim.learning_rate", 0.5)])
+def test_a_changed_config_on_resume_stops_before_anything_is_written(tmp_path, field, value):
+  config = _unfinished_run(tmp_path)
+  before = (tmp_path / "config.json").read_text(), (tmp_path / "metrics.jsonl").read_text()
+  with pytest.raises(config_lib.ConfigError) as info:
+    train.train_and_evaluate(override(config, **{field: value}), str(tmp_path))
+  assert str(info.value).startswith(f"config.{field}: differs from the config of the checkpoint at step 20")
+  assert "--allow_config_change" in str(info.value) and "\n" not in str(info.value)
+  assert ((tmp_path / "config.json").read_text(), (tmp_path / "metrics.jsonl").read_text()) == before
+  assert checkpoint_steps(tmp_path) == [20]
+
+
+def test_allowed_config_change_is_recorded_in_later_checkpoints(tmp_path):
+  config = _unfinished_run(tmp_path)
+  changed = override(config, seed=7, eval_every=20)  # eval_every may change freely: not recorded
+  final = train.train_and_evaluate(changed, str(tmp_path), allow_config_change=True)
+  assert final["step"] == 40
+  meta = json.loads((tmp_path / "checkpoints" / "40" / "metadata" / "metadata").read_text())
+  assert meta["config_changes"] == [{"step": 20, "changes": {"seed": [0, 7]}}]
+  assert meta["config"]["seed"] == 7 and len(meta["config_hash"]) == 64
+
+
+def test_resume_rejects_fewer_steps_and_a_changed_shape_in_one_line(tmp_path):
+  config = _unfinished_run(tmp_path)
+  with pytest.raises(config_lib.ConfigError, match=r"^config.total_steps: 15 is below step 20, where the newest"):
+    train.train_and_evaluate(override(config, total_steps=15), str(tmp_path))
+  wider = load_config("default", "runlocal", total_steps=40, eval_every=10, checkpoint_every=20)
+  wider.chain.stages[0].features = 2 * wider.chain.stages[0].features
+  with pytest.raises(config_lib.ConfigError) as info:
+    train.train_and_evaluate(wider, str(tmp_path), allow_config_change=True)
+  assert str(info.value).startswith("config.chain: the checkpoint does not fit this config: ")
+  assert "\n" not in str(info.value)
