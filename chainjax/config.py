@@ -504,9 +504,12 @@ def _validate_chain(config, task, stages_lib, chain_lib):
   if phases:
     if any(not isinstance(p, int) or p <= 0 for p in phases):
       raise ConfigError("chain.phase_steps", f"must be positive ints, got {phases}")
-    if len(phases) != len(stages) or sum(phases) != config.total_steps:
+    updates = num_updates(config, getattr(task, "train_size", 0))  # num_epochs resolved
+    if len(phases) != len(stages) or sum(phases) != updates:
+      what = f"total_steps={config.total_steps}" if config.num_epochs <= 0 else (
+          f"the run's {updates} updates (num_epochs={config.num_epochs}, total_steps={config.total_steps})")
       raise ConfigError("chain.phase_steps", f"needs one budget per stage ({len(stages)}) summing to "
-                        f"total_steps={config.total_steps}, got {phases}")
+                        f"{what}, got {phases}")
   metric = config.early_stopping.metric
   auc = [s.head.enabled and spec.is_binary and spec.shape == () for s, spec in zip(stages, specs)]
   known = ["eval/loss", "eval/accuracy"] + (["eval/auc"] if auc[-1] else [])
@@ -521,6 +524,9 @@ def _validate_chain(config, task, stages_lib, chain_lib):
       if not stage.head.enabled:
         raise ConfigError(f"chain.stages[{i}].head.enabled", "decoupled mode cuts every gradient between "
                           "stages, so a stage without a head never learns: enable its head, or use deep_supervision")
+  if chain.mode == "progressive" and metric:
+    raise ConfigError("early_stopping.metric", "progressive mode trains one stage per phase, so the eval metric "
+                      "changes meaning at every phase boundary: early stopping is not supported there (set it to '')")
   if chain.mode == "progressive":
     for i, stage in enumerate(stages):
       if not stage.head.enabled:
@@ -529,13 +535,33 @@ def _validate_chain(config, task, stages_lib, chain_lib):
   # Shapes: build the chain abstractly (no parameters allocated, nothing compiled).
   from flax import nnx
   try:
-    return nnx.eval_shape(lambda: chain_lib.build_chain(config, task, rngs=nnx.Rngs(0)))
+    model = nnx.eval_shape(lambda: chain_lib.build_chain(config, task, rngs=nnx.Rngs(0)))
   except ConfigError:
     raise
   except (ValueError, TypeError) as e:
     detail = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
     raise ConfigError("chain.stages", f"do not fit the {task.name} input (shape {tuple(task.input_shape)}, "
                       f"{task.input_dtype}): {detail}") from None
+  _check_model_sharding(config, model, chain_lib)
+  return model
+
+
+def _check_model_sharding(config, model, chain_lib) -> None:
+  """A `shard="model"` stage's kernels must split evenly along the `model` axis (else they would silently
+  stay replicated)."""
+  import jax
+  from flax import nnx
+
+  sharded = {i: stage.name for i, stage in enumerate(config.chain.stages) if stage.shard == "model"}
+  if config.mesh.model <= 1 or not sharded:
+    return
+  for path, leaf in jax.tree.leaves_with_path(nnx.state(model, nnx.Param)):
+    stage = chain_lib.stage_of_path(path)
+    if stage in sharded.values() and len(leaf.shape) >= 2 and leaf.shape[-1] % config.mesh.model:
+      index = next(i for i, name in sharded.items() if name == stage)
+      name = "/".join(str(getattr(k, "key", k)) for k in path)
+      raise ConfigError(f"chain.stages[{index}].shard", f"'model' splits kernels along their output axis, but "
+                        f"{name} has {leaf.shape[-1]} outputs, not divisible by mesh.model={config.mesh.model}")
 
 
 

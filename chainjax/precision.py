@@ -395,6 +395,17 @@ def find_loss_scale_state(opt_state) -> LossScaleState | None:
   return found[0] if found else None
 
 
+def with_loss_scale_of(opt_state, source):
+  """`opt_state` with the loss-scale counters of `source` (its own wrapped optimizer state kept): a
+  fresh optimizer state (a new progressive phase) keeps the run's scale and skipped-step count."""
+  old = find_loss_scale_state(source)
+  if old is None or find_loss_scale_state(opt_state) is None:
+    return opt_state
+  is_state = lambda x: isinstance(x, LossScaleState)
+  return jax.tree.map(lambda x: old._replace(inner_state=x.inner_state) if is_state(x) else x, opt_state,
+                      is_leaf=is_state)
+
+
 def current_loss_scale(opt_state) -> jax.Array:
   """The scale to multiply the loss by (float32 []; 1.0 without loss scaling)."""
   state = find_loss_scale_state(opt_state)

@@ -11,6 +11,7 @@ import contextlib
 import dataclasses
 import hashlib
 import json
+import math
 import os
 import time
 from collections.abc import Callable
@@ -137,6 +138,7 @@ def make_train_step(graphdef, loss_fn: chain_lib.ChainLoss, tx: optax.GradientTr
     params = optax.apply_updates(state["params"], updates)
     applied = precision.is_finite_step(state["opt_state"], opt_state)
     params = jax.tree.map(lambda new, old: jnp.where(applied, new, old), params, state["params"])
+    rest = jax.tree.map(lambda new, old: jnp.where(applied, new, old), rest, state["rest"])  # BatchNorm stats
     if phase is not None:
       params = jax.tree.map_with_path(
           lambda path, new, old: new if chain_lib.stage_of_path(path) == stage_names[phase] else old,
@@ -281,6 +283,9 @@ class EarlyStopping:
       raise KeyError(f"config.early_stopping.metric: {self.metric!r} is not an eval metric; "
                      f"available: {', '.join(sorted(metrics))}")
     value = metrics[self.metric]
+    if not math.isfinite(value):  # e.g. the AUC of an eval set with one class: no evidence either way
+      logging.warning("Early stopping skips this eval: %s is %s.", self.metric, value)
+      return False
     sign = 1.0 if self.mode == "max" else -1.0
     if self.best is None or sign * (value - self.best) > self.min_delta:
       self.best, self.best_step, self.bad_evals = value, step, 0
@@ -528,6 +533,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   interval_start, interval_steps = None, 0
   final_metrics: dict[str, float] = dict(meta.get("final_metrics") or {})
   reference_loss: float | None = meta.get("reference_loss")  # the run's first logged train loss
+  phase_skipped_base = meta.get("phase_skipped_base", 0)  # skipped steps before this progressive phase
   stop = preempted = False
   epoch_start = time.perf_counter()
   try:
@@ -535,8 +541,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       while step < config.total_steps and not (stop or preempted):
         phase = phase_of(step)
         if progressive and phase > 0 and step == phase_starts[phase]:
-          state["opt_state"] = jax.jit(txs[phase].init, out_shardings=state_shardings["opt_state"])(
-              state["params"])
+          state["opt_state"] = jax.jit(  # a fresh optimizer per phase; the loss scale carries on
+              lambda params, old: precision.with_loss_scale_of(txs[phase].init(params), old),
+              out_shardings=state_shardings["opt_state"])(state["params"], state["opt_state"])
+          phase_skipped_base = int(jax.device_get(precision.skipped_steps(state["opt_state"])))
         if phase not in train_steps:
           train_steps[phase] = jit_train_step(phase)
         state, step_records = run_update(train_steps[phase], state)
@@ -563,7 +571,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
           train_summary = metrics_lib.mean_metrics(jax.device_get(train_records))
           elapsed = time.perf_counter() - interval_start
           record = _with_headline(train_summary, "train", len(task.label_specs))
-          last_update = step - 1 - phase_starts[phase or 0]  # 0-based, within its progressive phase
+          # The LR of the last applied update (0-based within its progressive phase): skipped steps
+          # (dynamic loss scale) do not advance the schedule.
+          skipped = int(jax.device_get(precision.skipped_steps(state["opt_state"]))) - phase_skipped_base
+          last_update = max(step - 1 - phase_starts[phase or 0] - skipped, 0)
           record.update(optim_lib.stage_learning_rates(lr_schedules[phase or 0], last_update, state["opt_state"]))
           if interval_steps:
             record["train/steps_per_sec"] = interval_steps / elapsed
@@ -608,7 +619,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
           checkpointer.save(step, state, {"early_stopping": stopper.to_json(), "finished": finished,
                                           "final_metrics": final_metrics if finished else None,
                                           "reference_loss": reference_loss, "config": config_json,
-                                          "config_hash": config_hash, "config_changes": config_history},
+                                          "config_hash": config_hash, "config_changes": config_history,
+                                          "phase_skipped_base": phase_skipped_base},
                             data_state=train_iter.get_state())
   except BaseException:  # NaN, divergence, a failed save, Ctrl-C: finish the last good save, close the writers
     with contextlib.suppress(Exception):

@@ -558,3 +558,23 @@ def test_memory_estimate_is_cheap_and_real_memory_is_read():
   start = time.perf_counter()
   config_lib.validate(default.get_config(), num_devices=DEVICES)
   assert time.perf_counter() - start < 10  # shapes only: nothing is allocated or compiled
+
+
+def test_progressive_mode_refuses_early_stopping():
+  config = default.get_config("mode=progressive,runlocal")
+  config.early_stopping.metric = "eval/accuracy"
+  with pytest.raises(config_lib.ConfigError, match=r"^config.early_stopping.metric: progressive mode trains one "
+                     r"stage per phase"):
+    config_lib.validate(config, num_devices=8)
+
+
+def test_a_model_sharded_kernel_that_does_not_split_is_an_error():
+  config = default.get_config("runlocal")
+  config.mesh.model = 2
+  config.chain.stages[1].shard = "model"
+  config.chain.stages[1].features = 255
+  with pytest.raises(config_lib.ConfigError, match=r"^config.chain.stages\[1\].shard: 'model' splits kernels along "
+                     r"their output axis, but stages/level2/body/.* has 255 outputs, not divisible by mesh.model=2"):
+    config_lib.validate(config, num_devices=8)
+  config.chain.stages[1].features = 256
+  config_lib.validate(config, num_devices=8)

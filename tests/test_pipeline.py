@@ -213,3 +213,15 @@ def test_bad_data_from_the_command_line_exits_2_with_one_line_and_writes_nothing
                     f"{tmp_path}; run `python -m chainjax.data.prepare fashion_mnist --data_dir={tmp_path}` "
                     "(nothing is downloaded at run time)"]
   assert not workdir.exists()
+
+
+def test_progressive_phase_steps_are_checked_against_the_updates_of_an_epoch_run(data_dir):
+  """3 epochs of 6 updates: phase budgets must add up to those 18 updates, not to the raw total_steps."""
+  config = tiny_config(data_dir, "runlocal,epochs=3", **{"chain.mode": "progressive", "total_steps": 0})
+  config.chain.loss_weights = ()
+  config.chain.phase_steps = (6, 6, 6)
+  config_lib.validate(config, num_devices=8)
+  config.chain.phase_steps = (5, 5, 5)
+  with pytest.raises(config_lib.ConfigError, match=r"^config.chain.phase_steps: needs one budget per stage \(3\) "
+                     r"summing to the run's 18 updates \(num_epochs=3, total_steps=0\), got \(5, 5, 5\)"):
+    config_lib.validate(config, num_devices=8)

@@ -369,3 +369,50 @@ def test_every_parsed_loss_scale_builds(spec):
   state = tx.init(_params())
   expected = {"none": 1.0, "static": options.get("scale"), "dynamic": options.get("initial_scale", 2.0**15)}[kind]
   assert float(precision.current_loss_scale(state)) == expected
+
+
+def test_a_skipped_step_leaves_batchnorm_statistics_and_optimizer_state_bit_identical():
+  """Only the loss-scale counters move on a skipped (non-finite) step: parameters, BatchNorm running
+  statistics and the optimizer's moments stay as they were, bit for bit."""
+  from chainjax import chain as chain_lib
+  from chainjax import config as config_lib
+  from chainjax import data as data_lib
+  from chainjax import stages
+  from chainjax import train
+
+  config = config_lib.base_config()
+  config.data.name, config.data.num_images, config.data.eval_size = "line_parity", 2, 16
+  config.chain.stages = [stages.stage_config("conv", name="s0", features=(4,), norm="batch"),
+                         stages.stage_config("mlp", name="s1", features=8, depth=1)]
+  config.chain.loss_weights = ()
+  task = data_lib.get_task(config)
+  model = chain_lib.build_chain(config, task, rngs=nnx.Rngs(0))
+  loss_fn = chain_lib.ChainLoss.from_config(config, task.label_specs)
+  tx = precision.dynamic_loss_scale(optax.adam(1e-3))
+  graphdef, state = train.init_train_state(model, tx)
+  assert jax.tree.leaves(state["rest"])  # BatchNorm mean and var
+  step = jax.jit(train.make_train_step(graphdef, loss_fn, tx, seed=0, dynamic_loss_scale=True))
+  batch = jax.tree.map(jnp.asarray, task.train_batch(0, 8))
+  state, _ = step(state, batch)  # one applied step: statistics and moments are no longer at their init
+  before = jax.device_get(state)
+  poisoned = dict(batch, inputs=batch["inputs"].at[0].set(jnp.nan))
+  after, metrics = step(state, poisoned)
+  assert float(metrics["skipped"]) == 1.0
+  after = jax.device_get(after)
+  for part in ("params", "rest"):
+    assert _bits(after[part]) == _bits(before[part]), part
+  inner_before = [x for x in jax.tree.leaves(before["opt_state"].inner_state)]
+  inner_after = [x for x in jax.tree.leaves(after["opt_state"].inner_state)]
+  assert _bits(inner_after) == _bits(inner_before)
+  assert int(after["opt_state"].skipped_steps) == int(before["opt_state"].skipped_steps) + 1
+
+
+def test_a_new_optimizer_state_takes_the_loss_scale_of_the_old_one():
+  tx = precision.dynamic_loss_scale(optax.sgd(0.1), initial_scale=2.0**15)
+  params = _params()
+  old = tx.init(params)
+  _, old = tx.update(_grads(np.inf), old, params)  # halves the scale, counts a skip
+  carried = precision.with_loss_scale_of(tx.init(params), old)
+  assert float(carried.scale) == 2.0**14 and int(carried.skipped_steps) == 1
+  assert carried.inner_state == tx.init(params).inner_state  # the new optimizer's own state
+  assert precision.with_loss_scale_of(optax.sgd(0.1).init(params), old) == optax.sgd(0.1).init(params)

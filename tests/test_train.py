@@ -224,3 +224,41 @@ def test_resume_rejects_fewer_steps_and_a_changed_shape_in_one_line(tmp_path):
     train.train_and_evaluate(wider, str(tmp_path), allow_config_change=True)
   assert str(info.value).startswith("config.chain: the checkpoint does not fit this config: ")
   assert "\n" not in str(info.value)
+
+
+def test_logged_learning_rate_is_the_one_of_the_last_applied_update(tmp_path):
+  """float16 compute with a large initial loss scale: the first updates overflow and are skipped, and
+  a skipped update does not advance the schedule, so the logged LR is the schedule's value at the
+  number of applied updates (warmup_linear: 10 warmup updates to 1e-3, then down to 0 at update 20)."""
+  config = load_config("default", "runlocal", total_steps=20, eval_every=20, checkpoint_every=20, **{
+      "precision.loss_scale": "dynamic:initial_scale=1048576,period=1000", "optim.schedule": "warmup_linear",
+      "optim.warmup_steps": 10, "optim.learning_rate": 1e-3,
+      "precision.policy": "params=float32,compute=float16,output=float32"})
+  final = train.train_and_evaluate(config, str(tmp_path))
+  skipped = int(final["train/skipped_steps"])
+  assert skipped >= 1
+  last_update = 19 - skipped
+  expected = 1e-3 * (1 - (last_update - 10) / 10)
+  for stage in ("level1", "level2", "level3"):
+    assert final[f"train/lr/{stage}"] == pytest.approx(expected, rel=1e-5)
+
+
+def test_progressive_phases_keep_the_loss_scale(tmp_path):
+  """The dynamic scale doubles after every 2 finite updates; a fresh optimizer per phase must not reset it:
+  after 30 updates in 3 phases it is 1024 * 2**15, not 1024 * 2**5."""
+  config = load_config("default", "mode=progressive,runlocal", total_steps=30, eval_every=30, checkpoint_every=30,
+                       **{"precision.loss_scale": "dynamic:initial_scale=1024,period=2"})
+  final = train.train_and_evaluate(config, str(tmp_path))
+  assert final["train/skipped_steps"] == 0
+  assert final["train/loss_scale"] == 1024 * 2 ** 15
+
+
+def test_early_stopping_skips_a_nan_metric_with_a_warning(caplog):
+  import logging
+  stopper = train.EarlyStopping("eval/auc", "max", patience=1)
+  assert not stopper.update(10, {"eval/auc": 0.7})
+  with caplog.at_level(logging.WARNING):
+    assert not stopper.update(20, {"eval/auc": float("nan")})
+  assert (stopper.best, stopper.best_step, stopper.bad_evals) == (0.7, 10, 0)
+  assert any("Early stopping skips this eval: eval/auc is nan" in r.getMessage() for r in caplog.records)
+  assert stopper.update(30, {"eval/auc": 0.6})  # a real non-improvement still counts
