@@ -366,7 +366,7 @@ def main(argv: list[str]) -> None:
       final = train.train_and_evaluate(config, _WORKDIR.value,  # validates config and data first
                                        heartbeat=step_watchdog.beat,
                                        allow_config_change=_ALLOW_CONFIG_CHANGE.value)
-  except config_lib.ConfigError as e:
+  except (config_lib.ConfigError, train.WorkdirError) as e:
     _fail(str(e), EXIT_BAD_CONFIG)
   except train.NonFiniteLossError as e:
     _fail(str(e), EXIT_NONFINITE)

@@ -44,6 +44,10 @@ class NonFiniteLossError(FloatingPointError):
   """The loss became NaN or infinite; the message names the train step."""
 
 
+class WorkdirError(RuntimeError):
+  """The workdir's files cannot be written (e.g. `config.json` is a folder); one line naming the file."""
+
+
 class DivergedError(NonFiniteLossError):
   """The loss grew past `config.divergence_factor` times its first logged value (handled as NaN is)."""
 
@@ -468,9 +472,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   if changes:
     config_history.append({"step": restored_step, "changes": {k: list(v) for k, v in changes.items()}})
   if is_main:  # epath: the workdir may be local or gs://
-    epath.Path(workdir).mkdir(parents=True, exist_ok=True)
-    (epath.Path(workdir) / "config.json").write_text(config.to_json_best_effort(indent=2, sort_keys=True))
-    task.save(workdir)
+    try:
+      epath.Path(workdir).mkdir(parents=True, exist_ok=True)
+      (epath.Path(workdir) / "config.json").write_text(config.to_json_best_effort(indent=2, sort_keys=True))
+      task.save(workdir)
+    except OSError as e:
+      checkpointer.close()
+      raise WorkdirError(f"--workdir={workdir}: cannot write {e.filename or workdir}: "
+                         f"{e.strerror or type(e).__name__}") from None
   writer = metrics_lib.MetricWriter(workdir, enabled=is_main)
   if restored is not None:
     writer.resume(restored_step)  # metrics.jsonl and TensorBoard: steps <= restored_step, each once

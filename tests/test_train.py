@@ -262,3 +262,16 @@ def test_early_stopping_skips_a_nan_metric_with_a_warning(caplog):
   assert (stopper.best, stopper.best_step, stopper.bad_evals) == (0.7, 10, 0)
   assert any("Early stopping skips this eval: eval/auc is nan" in r.getMessage() for r in caplog.records)
   assert stopper.update(30, {"eval/auc": 0.6})  # a real non-improvement still counts
+
+
+def test_an_unwritable_config_json_is_one_line_and_a_finished_run_never_writes_it(tmp_path):
+  config = load_config("default", "runlocal", total_steps=20, eval_every=20, checkpoint_every=20)
+  final = train.train_and_evaluate(config, str(tmp_path / "done"))
+  for run in ("done", "fresh"):
+    (tmp_path / run).mkdir(exist_ok=True)
+    if (tmp_path / run / "config.json").exists():
+      (tmp_path / run / "config.json").unlink()
+    (tmp_path / run / "config.json").mkdir()  # a folder where the file goes
+  assert train.train_and_evaluate(config, str(tmp_path / "done")) == final  # finished: nothing to write
+  with pytest.raises(train.WorkdirError, match=r"^--workdir=.*fresh: cannot write .*config.json: Is a directory$"):
+    train.train_and_evaluate(config, str(tmp_path / "fresh"))
