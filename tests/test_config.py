@@ -578,3 +578,19 @@ def test_a_model_sharded_kernel_that_does_not_split_is_an_error():
     config_lib.validate(config, num_devices=8)
   config.chain.stages[1].features = 256
   config_lib.validate(config, num_devices=8)
+
+
+def test_cli_refuses_a_workdir_on_a_read_only_mount(tmp_path):
+  """A read-only tmpfs (mounting needs root, as CI runs): one line naming the workdir, before JAX starts."""
+  mount = tmp_path / "ro"
+  mount.mkdir()
+  if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(mount)],
+                                         capture_output=True).returncode != 0:
+    pytest.skip("mounting a read-only tmpfs needs root")
+  try:
+    for workdir in (mount, mount / "run"):
+      proc, _, lines = _run_cli(tmp_path, workdir=workdir)
+      _assert_one_line_exit_2(proc, lines, f"--workdir={workdir}:", "Read-only file system")
+      assert "JAX" not in proc.stderr
+  finally:
+    subprocess.run(["umount", str(mount)], check=True)
