@@ -287,8 +287,12 @@ class Checkpointer:
     Never blocks on a save in progress and touches neither disk nor devices
     (one lock read in Orbax while a save runs), so a training loop can call it
     after every step: a failed background save then stops the run within a
-    step of the failure, not at the next save.
+    step of the failure, not at the next save. With several processes it does
+    nothing: each would see a failure at another step, so `save`, which every
+    process reaches at the same step, reports it.
     """
+    if jax.process_count() > 1:
+      return
     if self._pending_step is None or self._manager.is_saving_in_progress():
       return
     # Orbax clears its flag as the last act of its finalize thread, so this

@@ -204,7 +204,7 @@ def _flag_error_message(error: Exception, argv: list[str]) -> str:
   return f"--config={_config_arg(argv)}: {reason}"
 
 
-def workdir_problem(workdir: str) -> str | None:
+def workdir_problem(workdir: str, _attempt: int = 0) -> str | None:
   """Why `workdir` cannot be used, as one line, or None: it is (or can be made) a folder we can write.
 
   Probes for real (creates the missing folders and a file, then removes exactly those), since
@@ -240,6 +240,10 @@ def workdir_problem(workdir: str) -> str | None:
       with open(probe, "w") as f:
         f.write("probe")
       os.remove(probe)
+    except FileNotFoundError:  # a peer process removed the folder it had made to probe: probe again
+      if _attempt < 3:
+        return workdir_problem(workdir, _attempt + 1)
+      return f"--workdir={workdir}: cannot write in it: it keeps disappearing"
     except OSError as e:
       return f"--workdir={workdir}: cannot write in it: {e.strerror or e}"
   finally:

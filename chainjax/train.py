@@ -337,8 +337,11 @@ def _check_divergence(config: ml_collections.ConfigDict, step: int, loss: float,
         "this check off)")
 
 
-# Fields that may differ between a run and its resumption: how often things happen, and the length.
-RESUMABLE_CHANGES = ("eval_every", "log_every", "checkpoint_every", "max_to_keep", "total_steps", "num_epochs")
+# Fields that may differ between a run and its resumption: how often things happen, the length, where
+# the data is read from and how, and the divergence check (which its own message tells users to turn off).
+RESUMABLE_CHANGES = ("eval_every", "log_every", "checkpoint_every", "max_to_keep", "total_steps", "num_epochs",
+                     "eval_batch_size", "divergence_factor", "data.data_dir", "data.num_threads", "data.prefetch",
+                     "data.cache")
 
 
 def config_record(config: ml_collections.ConfigDict) -> tuple[dict, str]:
@@ -354,9 +357,15 @@ def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:
 
 
 def config_changes(saved: dict, config: ml_collections.ConfigDict) -> dict[str, tuple[Any, Any]]:
-  """`{field: (saved value, new value)}` for every field of `config` that differs from `saved`."""
+  """`{field: (saved value, new value)}` for every field of `config` that differs from `saved`.
+
+  A field the saved config lacks (added to chainjax after the checkpoint) counts only when its value
+  is not the default.
+  """
   old, new = _flat(saved), _flat(config_record(config)[0])
-  return {k: (old.get(k), new.get(k)) for k in sorted(old.keys() | new.keys()) if old.get(k) != new.get(k)}
+  defaults = _flat(config_record(config_lib.base_config())[0])
+  return {k: (old.get(k), new.get(k)) for k in sorted(old.keys() | new.keys())
+          if old.get(k) != new.get(k) and not (k not in old and k in defaults and new.get(k) == defaults[k])}
 
 
 def _check_resume(config: ml_collections.ConfigDict, saved: tuple[int, dict] | None, allow_change: bool,
@@ -371,10 +380,10 @@ def _check_resume(config: ml_collections.ConfigDict, saved: tuple[int, dict] | N
   if saved is None:
     return {}
   step, meta = saved
-  if config.total_steps < step:
+  if config.total_steps < step or (config.total_steps == step and not meta.get("finished")):
     raise config_lib.ConfigError(
-        "total_steps", f"{config.total_steps} is below step {step}, where the newest checkpoint in {directory} "
-        "was saved; give total_steps >= that step, or a new --workdir")
+        "total_steps", f"{config.total_steps} is not above step {step}, where the newest checkpoint in "
+        f"{directory} was saved; give a larger total_steps, or a new --workdir")
   if "config" not in meta:
     logging.info("The checkpoint at step %d stores no config (an older chainjax): not compared.", step)
     return {}
@@ -383,6 +392,8 @@ def _check_resume(config: ml_collections.ConfigDict, saved: tuple[int, dict] | N
     logging.info("total_steps changed from %s to %s: training on from step %d, with schedules over %s updates.",
                  *changes["total_steps"], step, config.total_steps)
   others = {k: v for k, v in changes.items() if k not in RESUMABLE_CHANGES}
+  if config.chain.mode == "progressive" and "total_steps" in changes:  # the phase boundaries would move
+    others["total_steps"] = changes["total_steps"]
   if others and not allow_change:
     listed = ", ".join(f"{k} ({old!r} -> {new!r})" for k, (old, new) in list(others.items())[:6])
     more = f" and {len(others) - 6} more" if len(others) > 6 else ""
@@ -453,6 +464,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       restored = checkpointer.restore_latest(abstract)
     except ValueError as e:  # the model or optimizer changed shape (only with --allow_config_change)
       raise config_lib.ConfigError("chain", f"the checkpoint does not fit this config: {e}") from None
+    if restored is not None and saved is not None and restored[0] != saved[0]:  # fell back to an older step
+      changes = _check_resume(config, (restored[0], restored[2]), allow_config_change, checkpoint_dir)
   except BaseException:
     checkpointer.close()
     raise
@@ -554,6 +567,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
               lambda params, old: precision.with_loss_scale_of(txs[phase].init(params), old),
               out_shardings=state_shardings["opt_state"])(state["params"], state["opt_state"])
           phase_skipped_base = int(jax.device_get(precision.skipped_steps(state["opt_state"])))
+          reference_loss = None  # each phase trains another loss: divergence is measured within the phase
         if phase not in train_steps:
           train_steps[phase] = jit_train_step(phase)
         state, step_records = run_update(train_steps[phase], state)
@@ -631,13 +645,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                                           "config_hash": config_hash, "config_changes": config_history,
                                           "phase_skipped_base": phase_skipped_base},
                             data_state=train_iter.get_state())
+    checkpointer.wait_until_finished()
   except BaseException:  # NaN, divergence, a failed save, Ctrl-C: finish the last good save, close the writers
     with contextlib.suppress(Exception):
       checkpointer.close()
-    writer.close()
+    with contextlib.suppress(Exception):
+      writer.close()
     raise
 
-  checkpointer.wait_until_finished()
   checkpointer.close()
   writer.close()
   if preempted:

@@ -216,8 +216,9 @@ def test_allowed_config_change_is_recorded_in_later_checkpoints(tmp_path):
 
 def test_resume_rejects_fewer_steps_and_a_changed_shape_in_one_line(tmp_path):
   config = _unfinished_run(tmp_path)
-  with pytest.raises(config_lib.ConfigError, match=r"^config.total_steps: 15 is below step 20, where the newest"):
-    train.train_and_evaluate(override(config, total_steps=15), str(tmp_path))
+  for fewer in (15, 20):  # 20: an unfinished run would end without training, eval or a finished checkpoint
+    with pytest.raises(config_lib.ConfigError, match=rf"^config.total_steps: {fewer} is not above step 20, where "):
+      train.train_and_evaluate(override(config, total_steps=fewer), str(tmp_path))
   wider = load_config("default", "runlocal", total_steps=40, eval_every=10, checkpoint_every=20)
   wider.chain.stages[0].features = 2 * wider.chain.stages[0].features
   with pytest.raises(config_lib.ConfigError) as info:
@@ -275,3 +276,22 @@ def test_an_unwritable_config_json_is_one_line_and_a_finished_run_never_writes_i
   assert train.train_and_evaluate(config, str(tmp_path / "done")) == final  # finished: nothing to write
   with pytest.raises(train.WorkdirError, match=r"^--workdir=.*fresh: cannot write .*config.json: Is a directory$"):
     train.train_and_evaluate(config, str(tmp_path / "fresh"))
+
+
+def test_config_changes_ignore_intervals_data_paths_and_fields_newer_than_the_checkpoint():
+  config = load_config("default", "runlocal")
+  saved = train.config_record(config)[0]
+  del saved["divergence_factor"]  # a checkpoint of a chainjax without this field
+  changed = override(load_config("default", "runlocal"), eval_batch_size=512, **{"data.num_threads": 1})
+  changes = train.config_changes(saved, changed)
+  assert set(changes) == {"eval_batch_size", "data.num_threads"}  # the missing field has its default
+  assert set(changes) <= set(train.RESUMABLE_CHANGES)
+  assert train.config_changes(saved, override(changed, divergence_factor=10.0))["divergence_factor"] == (None, 10.0)
+
+
+def test_progressive_mode_refuses_a_new_length_on_resume(tmp_path):
+  """The phases split total_steps: a new length would move the boundaries and retrain a finished stage."""
+  config = load_config("default", "mode=progressive,runlocal", total_steps=30, eval_every=10, checkpoint_every=10)
+  train.train_and_evaluate(config, str(tmp_path))
+  with pytest.raises(config_lib.ConfigError, match=r"^config.total_steps: differs from the config of the checkpoint"):
+    train.train_and_evaluate(override(config, total_steps=60), str(tmp_path))
