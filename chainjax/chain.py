@@ -1,17 +1,21 @@
-"""A chain of stages with sub-task heads, the four chain modes, and the chain loss.
+"""A chain of stages with sub-task heads, the chain modes, and the chain loss.
 
     h_1 = M_1(x),  h_i = M_i(h_{i-1}),  y_i = head_i(h_i),  L = sum_i w_i * l_i(y_i, label_i)
 
-The mode (`config.chain.mode`) decides which losses enter `L` and where the
-gradient may flow:
+The mode (`config.chain.mode`) is a `ChainMode` from `MODES`: a sequence of phases,
+each saying which loss terms enter `L`, where the gradient stops, and which stages
+update. The chain, the loss, the train step and validation ask the mode; nothing
+else compares mode names.
 
-| mode               | loss terms                 | gradient between stages            |
-|--------------------|----------------------------|------------------------------------|
-| `end_to_end`       | the last stage's only      | flows through every stage          |
-| `deep_supervision` | every stage with a head    | flows through every stage          |
-| `decoupled`        | every stage with a head    | `stop_gradient` on each h_{i-1}    |
-| `progressive`      | stage j's only, in phase j | `stop_gradient` on h_{j-1}; the    |
-|                    |                            | train step keeps other stages fixed|
+| mode                   | phases                    | loss terms          | gradient stops          |
+|------------------------|---------------------------|---------------------|-------------------------|
+| `end_to_end`           | 1                         | the last stage's    | nowhere                 |
+| `deep_supervision`     | 1                         | every head's        | nowhere                 |
+| `decoupled`            | 1                         | every head's        | before every stage      |
+| `progressive`          | one per stage; phase j    | stage j's           | before stage j; only j  |
+|                        | trains stage j            |                     | updates                 |
+| `progressive_finetune` | the progressive phases,   | then the last       | then nowhere; every     |
+|                        | then one fine-tuning phase| stage's             | stage updates           |
 
 Parameters live under `stages/<stage name>/{body,head}/...`, so the stage name
 is the second element of every parameter path (per-stage optimizers use it).
@@ -20,6 +24,7 @@ is the second element of every parameter path (per-stage optimizers use it).
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Sequence
 
 import jax
@@ -30,10 +35,127 @@ from flax import nnx
 
 from chainjax import metrics as metrics_lib
 from chainjax import stages as stages_lib
-from chainjax.config import ConfigError
+from chainjax.errors import ConfigError
 from chainjax.data.base import LabelSpec
 
-MODES = ("end_to_end", "deep_supervision", "decoupled", "progressive")
+
+# --------------------------------------------------------------------------------------------
+# Chain modes.
+# --------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class PhaseRule:
+  """What the phase of a chain mode trains. `"own"` is the phase's stage (a stage-wise phase).
+
+  `terms`: which loss terms count ("last" | "all" | "own"); `cut`: where `stop_gradient` cuts
+  the chain ("none" | "every": before every stage but the first | "own": before the phase's
+  stage); `trains`: which stages update their parameters and BatchNorm statistics ("all" | "own").
+  `per_stage`: the rule is repeated once per stage (phase j: stage j), as greedy training does.
+  """
+
+  terms: str
+  cut: str = "none"
+  trains: str = "all"
+  per_stage: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class ModePhase:
+  """One phase of a mode on a chain of `num_stages` stages (`stage`: the phase's stage, or None)."""
+
+  rule: PhaseRule
+  num_stages: int
+  stage: int | None = None
+
+  def counts(self, i: int) -> bool:
+    """Whether the loss term of stage i (0-based) enters the objective."""
+    return {"all": True, "last": i == self.num_stages - 1, "own": i == self.stage}[self.rule.terms]
+
+  def cuts_before(self, i: int) -> bool:
+    """Whether the gradient stops between stage i-1 and stage i."""
+    return i > 0 and {"none": False, "every": True, "own": i == self.stage}[self.rule.cut]
+
+  def trains(self, i: int) -> bool:
+    """Whether stage i updates in this phase (parameters and BatchNorm statistics)."""
+    return self.rule.trains == "all" or i == self.stage
+
+  @property
+  def trains_every_stage(self) -> bool:
+    return all(self.trains(i) for i in range(self.num_stages))
+
+
+@dataclasses.dataclass(frozen=True)
+class ChainMode:
+  """A chain mode: its phases, and what it asks of the config.
+
+  `consistency`: how the KL term between consecutive heads trains ("joint": both heads,
+  "fixed_target": the later head is a fixed target, "off": never added). `every_head`:
+  why every stage needs a head (empty: it need not). `early_stopping`: whether an eval
+  metric keeps its meaning across the phases. `finetune`: whether the last phase's budget
+  is `chain.finetune_steps`.
+  """
+
+  name: str
+  rules: tuple[PhaseRule, ...]
+  consistency: str = "joint"
+  every_head: str = ""
+  early_stopping: bool = True
+  finetune: bool = False
+
+  def phases(self, num_stages: int) -> tuple[ModePhase, ...]:
+    """Every phase of this mode on a chain of `num_stages` stages, in training order."""
+    out = []
+    for rule in self.rules:
+      stages = range(num_stages) if rule.per_stage else (None,)
+      out += [ModePhase(rule, num_stages, stage) for stage in stages]
+    return tuple(out)
+
+  def phase(self, num_stages: int, index: int = 0) -> ModePhase:
+    return self.phases(num_stages)[index]
+
+  @property
+  def stagewise(self) -> bool:
+    """Whether some phase trains one stage at a time (phase budgets apply)."""
+    return any(rule.per_stage for rule in self.rules)
+
+  def budgets(self, num_stages: int, total: int, phase_steps=(), finetune_steps: int = 0) -> tuple[int, ...]:
+    """Updates per phase: `phase_steps` for the stage-wise phases (empty: the rest of `total` split
+    evenly, the first phases getting one more), then `finetune_steps` for a fine-tuning phase."""
+    if len(self.phases(num_stages)) == 1:
+      return (total,)
+    greedy = total - (finetune_steps if self.finetune else 0)
+    budgets = tuple(phase_steps) or tuple(greedy // num_stages + (1 if j < greedy % num_stages else 0)
+                                          for j in range(num_stages))
+    return budgets + ((finetune_steps,) if self.finetune else ())
+
+
+_END_TO_END = PhaseRule(terms="last")
+_GREEDY = PhaseRule(terms="own", cut="own", trains="own", per_stage=True)
+_GREEDY_HEADS = "trains every stage on its own head: enable it"
+
+MODES: dict[str, ChainMode] = {
+    mode.name: mode for mode in (
+        ChainMode("end_to_end", (_END_TO_END,)),
+        ChainMode("deep_supervision", (PhaseRule(terms="all"),)),
+        ChainMode("decoupled", (PhaseRule(terms="all", cut="every"),), consistency="fixed_target",
+                  every_head="cuts every gradient between stages, so a stage without a head never learns: enable "
+                  "its head, or use deep_supervision"),
+        ChainMode("progressive", (_GREEDY,), consistency="off", every_head=_GREEDY_HEADS, early_stopping=False),
+        ChainMode("progressive_finetune", (_GREEDY, _END_TO_END), consistency="off", every_head=_GREEDY_HEADS,
+                  early_stopping=False, finetune=True),
+    )
+}
+
+
+def get_mode(mode: "str | ChainMode") -> ChainMode:
+  """The `ChainMode` of a name in `MODES` (a `ChainMode` is returned as is)."""
+  if isinstance(mode, ChainMode):
+    return mode
+  if mode not in MODES:
+    raise ConfigError("chain.mode", f"{mode!r} is not one of: {', '.join(MODES)}")
+  return MODES[mode]
+
 
 
 class Link(nnx.Module):
@@ -84,29 +206,24 @@ class Chain(nnx.Module):
       links[cfg.name] = Link(body, head, cfg.pass_to_next)
     self.stages = nnx.Dict(links)
 
-  @property
-  def has_head(self) -> tuple[bool, ...]:
-    return tuple(self.stages[n].head is not None for n in self.names)
-
   def __call__(
       self,
       x: jax.Array,
       *,
-      mode: str = "deep_supervision",
+      mode: str | ChainMode = "deep_supervision",
       train: bool = False,
       key: jax.Array | None = None,
       phase: int | None = None,
   ) -> ChainOutput:
-    """Runs every stage; `phase` (progressive mode) is the one stage that trains."""
+    """Runs every stage; `phase` (0 when None) is the phase of `mode` that trains."""
+    rule = get_mode(mode).phase(len(self.names), phase or 0)
     hiddens, predictions = [], []
     h = x
     for i, name in enumerate(self.names):
       link = self.stages[name]
-      stage_train = train
-      if i > 0 and (mode == "decoupled" or (mode == "progressive" and i == phase)):
+      if rule.cuts_before(i):
         h = jax.lax.stop_gradient(h)
-      if mode == "progressive":
-        stage_train = train and i == phase  # frozen stages keep their BatchNorm statistics
+      stage_train = train and rule.trains(i)  # a stage that does not train keeps its BatchNorm statistics
       stage_key = None if key is None else jax.random.fold_in(key, i)
       h = link.body(h, train=stage_train, key=stage_key)
       y = None if link.head is None else link.head(h, train=stage_train, key=stage_key)
@@ -117,21 +234,101 @@ class Chain(nnx.Module):
     return ChainOutput(tuple(hiddens), tuple(predictions))
 
 
+def phase_budgets(config: ml_collections.ConfigDict) -> tuple[int, ...]:
+  """Updates per phase of `config.chain.mode` over `config.total_steps` updates."""
+  chain = config.chain
+  return get_mode(chain.mode).budgets(len(chain.stages), config.total_steps, tuple(chain.phase_steps),
+                                      chain.finetune_steps)
+
+
 def phase_starts(config: ml_collections.ConfigDict) -> tuple[int, ...]:
-  """Progressive mode: the first update of every phase (phase j trains stage j from starts[j])."""
-  n = len(config.chain.stages)
-  budgets = tuple(config.chain.phase_steps) or tuple(
-      config.total_steps // n + (1 if j < config.total_steps % n else 0) for j in range(n))
+  """The first update of every phase of `config.chain.mode` (phase j runs from starts[j])."""
   starts, acc = [], 0
-  for b in budgets:
+  for budget in phase_budgets(config):
     starts.append(acc)
-    acc += b
+    acc += budget
   return tuple(starts)
 
 
 def phase_at(starts: tuple[int, ...], step: int) -> int:
   """The phase that update `step` (0-based) belongs to."""
   return max(j for j, start in enumerate(starts) if start <= step)
+
+
+def check_config(config: ml_collections.ConfigDict, specs: Sequence[LabelSpec], num_updates: int,
+                 task_name: str) -> None:
+  """`config.chain` against the task's stage labels `specs` and the run's resolved `num_updates`.
+
+  Raises `ConfigError` naming the field: the mode, the stage list (each stage's schema,
+  unique names, one stage per label, losses that fit the labels, heads the mode needs),
+  the loss weights, the phase budgets, and the early-stopping metric (one of this chain's).
+  """
+  chain = config.chain
+  mode = get_mode(chain.mode)
+  stages = list(chain.stages)
+  if not stages:
+    raise ConfigError("chain.stages", "is empty; give one stage config per task label")
+  for i, stage in enumerate(stages):
+    stages_lib.validate_stage_config(stage, f"chain.stages[{i}]")
+  names = [s.name for s in stages]
+  if len(set(names)) != len(names):
+    raise ConfigError("chain.stages", f"stage names must be unique, got {names}")
+  if len(stages) != len(specs):
+    raise ConfigError("chain.stages", f"the {task_name} task has {len(specs)} stage labels "
+                      f"({', '.join(s.name for s in specs)}); got {len(stages)} stages")
+  for i, (stage, spec) in enumerate(zip(stages, specs)):
+    if stage.loss and stage.loss not in LOSSES:
+      raise ConfigError(f"chain.stages[{i}].loss", f"{stage.loss!r} is not allowed; allowed: "
+                        f"{', '.join(repr(k) for k in ('',) + tuple(LOSSES))}")
+    if stage.loss and stage.loss not in spec.allowed_losses():
+      raise ConfigError(f"chain.stages[{i}].loss", f"{stage.loss!r} does not fit label {spec.name!r}; "
+                        f"allowed: {', '.join(spec.allowed_losses())}")
+  if not stages[-1].head.enabled:
+    raise ConfigError(f"chain.stages[{len(stages) - 1}].head.enabled", "the last stage needs a head")
+  weights = tuple(chain.loss_weights)
+  if weights and len(weights) != len(stages):
+    raise ConfigError("chain.loss_weights", f"has {len(weights)} entries for {len(stages)} stages")
+  if any(not isinstance(w, (int, float)) or not math.isfinite(w) or w < 0 for w in weights):
+    raise ConfigError("chain.loss_weights", f"must be finite numbers >= 0, got {weights}")
+  _check_budgets(config, mode, num_updates)
+  metric = config.early_stopping.metric
+  auc = [s.head.enabled and spec.is_binary and spec.shape == () for s, spec in zip(stages, specs)]
+  known = ["eval/loss", "eval/accuracy"] + (["eval/auc"] if auc[-1] else [])
+  for i, stage in enumerate(stages):
+    if stage.head.enabled:
+      known += [f"eval/stage_{i + 1}/{m}" for m in ("loss", "accuracy") + (("auc",) if auc[i] else ())]
+  if metric and metric not in known:
+    raise ConfigError("early_stopping.metric", f"{metric!r} is not an eval metric of this chain; "
+                      f"allowed: {', '.join(known)}")
+  if mode.every_head:
+    for i, stage in enumerate(stages):
+      if not stage.head.enabled:
+        raise ConfigError(f"chain.stages[{i}].head.enabled", f"{mode.name} mode {mode.every_head}")
+  if metric and not mode.early_stopping:
+    raise ConfigError("early_stopping.metric", f"{mode.name} mode trains one stage per phase, so the eval metric "
+                      "changes meaning at every phase boundary: early stopping is not supported there (set it to '')")
+
+
+def _check_budgets(config: ml_collections.ConfigDict, mode: ChainMode, num_updates: int) -> None:
+  """`chain.phase_steps` and `chain.finetune_steps` against the mode and the run's `num_updates`."""
+  chain, n = config.chain, len(config.chain.stages)
+  phases = tuple(chain.phase_steps)
+  if mode.finetune and not 0 < chain.finetune_steps < num_updates:
+    raise ConfigError("chain.finetune_steps", f"{mode.name} needs a final phase of 1 to {num_updates - 1} updates "
+                      f"(the run has {num_updates}), got {chain.finetune_steps}")
+  if mode.stagewise and not phases and num_updates - (chain.finetune_steps if mode.finetune else 0) < n:
+    raise ConfigError("total_steps", f"{mode.name} needs at least one update per stage ({n}), got {num_updates}")
+  if not phases:
+    return
+  if any(isinstance(p, bool) or not isinstance(p, int) or p <= 0 for p in phases):
+    raise ConfigError("chain.phase_steps", f"must be positive ints, got {phases}")
+  greedy = num_updates - (chain.finetune_steps if mode.finetune else 0)
+  if len(phases) != n or sum(phases) != greedy:
+    what = f"total_steps={config.total_steps}" if config.num_epochs <= 0 else (
+        f"the run's {num_updates} updates (num_epochs={config.num_epochs}, total_steps={config.total_steps})")
+    if mode.finetune:
+      what += f" minus finetune_steps={chain.finetune_steps}"
+    raise ConfigError("chain.phase_steps", f"needs one budget per stage ({n}) summing to {what}, got {phases}")
 
 
 def build_chain(config: ml_collections.ConfigDict, task, *, rngs: nnx.Rngs) -> Chain:
@@ -148,19 +345,29 @@ def _mean_over_label_axes(x: jax.Array) -> jax.Array:
   return x.reshape(x.shape[0], -1).mean(axis=1) if x.ndim > 1 else x
 
 
+def _softmax_ce(logits: jax.Array, labels: jax.Array) -> jax.Array:
+  return optax.softmax_cross_entropy_with_integer_labels(logits, labels.astype(jnp.int32))
+
+
+def _sigmoid_bce(logits: jax.Array, labels: jax.Array) -> jax.Array:
+  return optax.sigmoid_binary_cross_entropy(logits, labels.astype(jnp.float32))
+
+
+def _hinge(logits: jax.Array, labels: jax.Array) -> jax.Array:
+  signs = 2.0 * labels.astype(jnp.float32) - 1.0
+  return jnp.maximum(0.0, 1.0 - signs * logits)
+
+
+# Per-stage losses (`chain.stages[i].loss`): float32 logits and labels -> loss per label element.
+# Which of them fit a stage's label is the label's to say (`LabelSpec.allowed_losses`).
+LOSSES = {"softmax_ce": _softmax_ce, "sigmoid_bce": _sigmoid_bce, "hinge": _hinge}
+
+
 def per_example_loss(kind: str, logits: jax.Array, labels: jax.Array) -> jax.Array:
   """Loss of each example [B], averaged over its label elements."""
-  logits = logits.astype(jnp.float32)
-  if kind == "softmax_ce":
-    loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels.astype(jnp.int32))
-  elif kind == "sigmoid_bce":
-    loss = optax.sigmoid_binary_cross_entropy(logits, labels.astype(jnp.float32))
-  elif kind == "hinge":
-    signs = 2.0 * labels.astype(jnp.float32) - 1.0
-    loss = jnp.maximum(0.0, 1.0 - signs * logits)
-  else:
-    raise ValueError(f"unknown loss {kind!r}; allowed: softmax_ce, sigmoid_bce, hinge")
-  return _mean_over_label_axes(loss)
+  if kind not in LOSSES:
+    raise ValueError(f"unknown loss {kind!r}; allowed: {', '.join(LOSSES)}")
+  return _mean_over_label_axes(LOSSES[kind](logits.astype(jnp.float32), labels))
 
 
 def per_example_correct(spec: LabelSpec, logits: jax.Array, labels: jax.Array) -> jax.Array:
@@ -188,7 +395,7 @@ def _consistency(spec: LabelSpec, target_logits: jax.Array, logits: jax.Array) -
 class ChainLoss:
   """The chain objective of one mode: which terms, their weights and loss kinds."""
 
-  mode: str
+  mode: ChainMode
   specs: tuple[LabelSpec, ...]
   losses: tuple[str, ...]  # loss kind per stage
   weights: tuple[float, ...]  # w_i per stage (0 where the stage has no head)
@@ -200,16 +407,15 @@ class ChainLoss:
     weights = tuple(config.chain.loss_weights) or (1.0,) * len(stage_cfgs)
     weights = tuple(float(w) if cfg.head.enabled else 0.0 for w, cfg in zip(weights, stage_cfgs))
     losses = tuple(cfg.loss or spec.default_loss for cfg, spec in zip(stage_cfgs, specs))
-    return cls(config.chain.mode, tuple(specs), losses, weights, float(config.chain.consistency_weight))
+    return cls(get_mode(config.chain.mode), tuple(specs), losses, weights, float(config.chain.consistency_weight))
+
+  def __post_init__(self):
+    object.__setattr__(self, "mode", get_mode(self.mode))  # a mode name is accepted too
 
   def active_weights(self, phase: int | None = None) -> tuple[float, ...]:
-    """The weights of the terms this mode trains on (in `progressive`, those of `phase`)."""
-    n = len(self.weights)
-    if self.mode == "end_to_end":
-      return tuple(self.weights[i] if i == n - 1 else 0.0 for i in range(n))
-    if self.mode == "progressive":
-      return tuple(self.weights[i] if i == phase else 0.0 for i in range(n))
-    return self.weights
+    """The weights of the terms that count in `phase` (0 when None) of the mode."""
+    rule = self.mode.phase(len(self.weights), phase or 0)
+    return tuple(w if rule.counts(i) else 0.0 for i, w in enumerate(self.weights))
 
   def __call__(
       self,
@@ -243,7 +449,7 @@ class ChainLoss:
         metrics[f"stage_{i + 1}/{metrics_lib.AUC_COUNTS}"] = metrics_lib.auc_counts(y, label, mask)
       if weights[i]:
         total = total + weights[i] * loss_i
-    if self.consistency_weight and self.mode != "progressive":
+    if self.consistency_weight and self.mode.consistency != "off":
       consistency = self._consistency_term(output, masked_mean)
       if consistency is not None:
         metrics["consistency"] = consistency
@@ -258,7 +464,7 @@ class ChainLoss:
       a, b = preds[i], preds[i + 1]
       if a is None or b is None or self.specs[i] != self.specs[i + 1]:
         continue
-      if self.mode == "decoupled":  # stage i learns to agree; no gradient into stage i+1
+      if self.mode.consistency == "fixed_target":  # stage i learns to agree; no gradient into stage i+1
         b = jax.lax.stop_gradient(b)
       terms.append(masked_mean(_consistency(self.specs[i], b, a)))
     return sum(terms) if terms else None

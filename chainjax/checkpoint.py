@@ -213,7 +213,7 @@ class Checkpointer:
       return step, {}
     return step, dict(restored[_METADATA] or {})
 
-  def restore_latest(self, abstract_state) -> tuple[int, Any, dict] | None:
+  def restore_latest(self, abstract_state, *, partial: bool = False) -> tuple[int, Any, dict] | None:
     """Restores the newest checkpoint that restores cleanly onto `abstract_state`.
 
     `abstract_state` is a pytree of `jax.ShapeDtypeStruct` with `.sharding`;
@@ -223,15 +223,18 @@ class Checkpointer:
     the next older one is tried. A target whose tree paths or shapes differ
     from a checkpoint's raises ValueError instead: that is a caller error, and
     every checkpoint would otherwise be moved aside.
+
+    `partial`: `abstract_state` may leave out subtrees of the saved state (e.g. the optimizer
+    state when only the parameters are wanted); only what it names is read.
     """
     self.wait_until_finished()
     self._manager.reload()
     self._set_aside_incomplete()
     target_shapes = _shapes_by_path(abstract_state)
     with _quiet_closed_loop_noise():
-      return self._restore_newest(abstract_state, target_shapes)
+      return self._restore_newest(abstract_state, target_shapes, partial)
 
-  def _restore_newest(self, abstract_state, target_shapes):
+  def _restore_newest(self, abstract_state, target_shapes, partial: bool = False):
     """The loop of `restore_latest` (see there)."""
     for step in sorted(self._manager.all_steps(), reverse=True):
       error = None
@@ -243,19 +246,28 @@ class Checkpointer:
       if not _all_processes_ok(error is None):
         self._set_aside({step: _failure("tree metadata unreadable", error)})
         continue
+      if partial:  # what the target leaves out stays on disk
+        saved_shapes = {path: shape for path, shape in saved_shapes.items() if path in target_shapes}
       mismatch = _describe_mismatch(saved_shapes, target_shapes)
       if mismatch:
         raise ValueError(
             f"Checkpoint {self._step_dir(step)} does not match the restore "
             f"target: {mismatch}")
       try:
-        restored = self._manager.restore(
-            step,
-            args=ocp.args.Composite(**{
-                _STATE: ocp.args.StandardRestore(abstract_state),
-                _METADATA: ocp.args.JsonRestore(),
-            }),
-        )
+        if partial:  # the state item read on its own, so that it can take a PyTree handler's partial restore
+          with ocp.PyTreeCheckpointer() as reader:
+            state = reader.restore(self._step_dir(step) / _STATE, args=ocp.args.PyTreeRestore(
+                abstract_state, ocp.checkpoint_utils.construct_restore_args(abstract_state), partial_restore=True))
+          restored = {_STATE: state, **self._manager.restore(
+              step, args=ocp.args.Composite(**{_METADATA: ocp.args.JsonRestore()}))}
+        else:
+          restored = self._manager.restore(
+              step,
+              args=ocp.args.Composite(**{
+                  _STATE: ocp.args.StandardRestore(abstract_state),
+                  _METADATA: ocp.args.JsonRestore(),
+              }),
+          )
       except Exception as e:  # pylint: disable=broad-except
         error = e
       if _all_processes_ok(error is None):

@@ -1,30 +1,22 @@
-"""The config schema every experiment starts from, and its validation.
+"""The config schema every experiment starts from, the parsing of config arguments, and field checks.
 
 Config files under `configs/` call `base_config()` and change what they need;
 `validate(config)` then checks every field against this schema (unknown field,
-wrong type, value out of range, stages that do not fit the task) before anything
-compiles, and raises one `ConfigError` naming the field and the allowed values.
+wrong type, value out of range) and raises one `ConfigError` naming the field and
+the allowed values. This module imports nothing of JAX: what needs the task, the
+chain or the optimizer is checked by `experiment.validate`, which calls this first.
 """
 
 from __future__ import annotations
 
 import math
-import os
+import numbers
+from collections.abc import Callable
 
 import ml_collections
 
-OPTIMIZERS = ("adam", "adamw", "sgd", "lamb", "adafactor", "lion")
-SCHEDULES = ("constant", "warmup_cosine", "warmup_linear", "exponential_per_epoch", "piecewise_constant",
-             "reduce_on_plateau")
-STAGE_OPTIM_FIELDS = ("optimizer", "learning_rate", "schedule", "weight_decay", "frozen")
+from chainjax.errors import ConfigError  # re-exported: `config.ConfigError` is where users catch it
 
-
-class ConfigError(ValueError):
-  """A bad config value; `str(err)` is one line that names the field."""
-
-  def __init__(self, field: str, message: str):
-    self.field = field
-    super().__init__(f"config.{field}: {message}")
 
 
 def parse_arg(arg: str, **defaults) -> dict:
@@ -98,7 +90,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.chain.stages = []  # list of stage configs: chainjax.stages.stage_config(type, name, ...)
   c.chain.loss_weights = ()  # w_i per stage; empty = all 1.0
   c.chain.consistency_weight = 0.0  # KL between consecutive heads of the same label space
-  c.chain.phase_steps = ()  # progressive: updates per phase; empty = total_steps split evenly
+  c.chain.phase_steps = ()  # progressive*: updates per stage-wise phase; empty = the updates split evenly
+  c.chain.finetune_steps = 0  # progressive_finetune: updates of the final end-to-end phase
 
   c.optim = ml_collections.ConfigDict()
   c.optim.optimizer = "adam"  # adam | adamw | sgd | lamb | adafactor | lion
@@ -168,10 +161,9 @@ def per_stage_optim(stage_names) -> ml_collections.ConfigDict:
 # Validation.
 # --------------------------------------------------------------------------------------------
 
+# Fields whose allowed values are the config's own; the names a module owns (chain.mode, optim.optimizer,
+# optim.schedule, data.name) are checked by that module (see `experiment.validate`).
 _CHOICES = {
-    "chain.mode": ("end_to_end", "deep_supervision", "decoupled", "progressive"),
-    "optim.optimizer": OPTIMIZERS,
-    "optim.schedule": SCHEDULES,
     "optim.mu_dtype": ("", "float32", "bfloat16"),
     "optim.plateau_mode": ("min", "max"),
     "early_stopping.mode": ("max", "min"),
@@ -185,7 +177,7 @@ _POSITIVE = ("batch_size", "eval_batch_size", "total_steps", "eval_every", "chec
              "optim.learning_rate", "optim.eps", "optim.plateau_patience")
 _NON_NEGATIVE = ("seed", "divergence_factor", "data.seed", "data.num_threads", "data.prefetch", "chain.consistency_weight", "optim.warmup_steps",
                  "optim.end_lr_factor", "optim.momentum", "optim.weight_decay", "optim.grad_clip_norm",
-                 "optim.steps_per_epoch", "optim.plateau_min_scale", "optim.plateau_min_delta",
+                 "optim.steps_per_epoch", "chain.finetune_steps", "optim.plateau_min_scale", "optim.plateau_min_delta",
                  "early_stopping.patience", "early_stopping.min_delta")
 
 
@@ -202,38 +194,60 @@ def num_updates(config: ml_collections.ConfigDict, train_size: int = 0) -> int:
   return min(total, config.total_steps) if config.total_steps > 0 else total
 
 
-def _type_name(value) -> str:
-  return type(value).__name__
+def type_name(value) -> str:
+  """How a schema names the type of `value` (a default) in its messages."""
+  return "tuple" if isinstance(value, (tuple, list)) else type(value).__name__
 
 
-def _same_type(value, default) -> bool:
+def has_type(value, default) -> bool:
+  """Whether `value` fits the type of `default`: an int fits a float, a bool fits only a bool, a
+  list fits a tuple, and the entries of a non-empty tuple default fix the type of the entries."""
   if isinstance(default, bool) or isinstance(value, bool):
     return isinstance(value, bool) and isinstance(default, bool)
   if isinstance(default, float):
-    return isinstance(value, (int, float))
+    return isinstance(value, numbers.Real)
+  if isinstance(default, int):
+    return isinstance(value, numbers.Integral)
   if isinstance(default, (tuple, list)):
-    return isinstance(value, (tuple, list))
+    return isinstance(value, (tuple, list)) and (not default or all(has_type(v, default[0]) for v in value))
   return isinstance(value, type(default))
 
 
-def _check_schema(config, schema, prefix: str = "") -> None:
-  """Unknown fields and wrong types, recursively (stage lists and `optim.per_stage` are checked later)."""
+def check_schema(config, schema, prefix: str = "", *, complete: bool = False,
+                 skip: Callable[[str], bool] = lambda field: False) -> None:
+  """Raises `ConfigError` for an unknown field or a wrong type in `config`, recursively; the one schema
+  checker of chainjax (the config, `optim.per_stage` entries and stage configs use it).
+
+  `schema` is a ConfigDict or dict of typed defaults; `complete`: a field of `schema` missing from
+  `config` is an error too; `skip(field)`: fields checked elsewhere (their values are not looked at).
+  """
   for key in config.keys():
     field = f"{prefix}{key}"
     if key not in schema:
       raise ConfigError(field, f"unknown field; known fields here: {', '.join(sorted(schema.keys()))}")
-    value, default = config[key], schema[key]
-    if field == "chain.stages":  # checked by _validate_chain
+  for key in schema.keys():
+    field = f"{prefix}{key}"
+    if key not in config:
+      if complete:
+        raise ConfigError(field, "missing field")
       continue
-    if isinstance(default, ml_collections.ConfigDict):
-      if not isinstance(value, ml_collections.ConfigDict):
-        raise ConfigError(field, f"must be a ConfigDict, got {_type_name(value)}")
-      if field != "optim.per_stage":  # keyed by stage names: checked by _validate_optim
-        _check_schema(value, default, field + ".")
-    elif not _same_type(value, default):
-      raise ConfigError(field, f"must be of type {_type_name(default)}, got {value!r} ({_type_name(value)})")
+    value, default = config[key], schema[key]
+    if skip(field):
+      continue
+    if isinstance(default, (dict, ml_collections.ConfigDict)):
+      if not hasattr(value, "keys"):
+        raise ConfigError(field, f"must be a ConfigDict with fields {', '.join(sorted(default.keys()))}, got "
+                          f"{value!r} ({type_name(value)})")
+      check_schema(value, default, field + ".", complete=complete, skip=skip)
+    elif not has_type(value, default):
+      raise ConfigError(field, f"must be of type {type_name(default)}, got {value!r} ({type_name(value)})")
     elif isinstance(default, float) and not math.isfinite(value):  # nan compares False, inf passes lower bounds
       raise ConfigError(field, f"must be a finite number, got {value!r}")
+
+
+def _check_schema(config, schema, prefix: str = "") -> None:
+  """Unknown fields and wrong types of the config (stage lists and `optim.per_stage` are checked by their owners)."""
+  check_schema(config, schema, prefix, skip=lambda field: field in ("chain.stages", "optim.per_stage"))
 
 
 def _get(config, field: str):
@@ -242,17 +256,13 @@ def _get(config, field: str):
   return config
 
 
-def validate(config: ml_collections.ConfigDict, num_devices: int = 1, workdir: str | None = None):
-  """Raises `ConfigError` for the first bad field; builds nothing that compiles.
+def validate(config: ml_collections.ConfigDict, num_devices: int = 1) -> None:
+  """Raises `ConfigError` for the first field that is unknown, mistyped or out of its range.
 
-  Opens the data (a TFDS dataset is opened, not read through) and returns the task,
-  so that data errors surface here, before training starts. `workdir` is passed to
-  the task (a text vocabulary lives there).
+  The fields on their own, against this schema and `num_devices`: nothing is imported or
+  built. What needs the task, the chain or the optimizer (the mode and optimizer names
+  their modules own, shapes, phase budgets, memory) is checked by `experiment.validate`.
   """
-  from chainjax import chain as chain_lib
-  from chainjax import data as data_lib
-  from chainjax import stages as stages_lib
-
   _check_schema(config, base_config())
   for field in _NUMBER_TUPLES:
     # `--config.x='(1.0,nan,1.0)'`: what ml_collections cannot read as a literal tuple arrives as
@@ -292,346 +302,6 @@ def validate(config: ml_collections.ConfigDict, num_devices: int = 1, workdir: s
   if config.eval_batch_size % num_devices:
     raise ConfigError("eval_batch_size", f"{config.eval_batch_size} is not divisible by the {num_devices} "
                       f"devices; use a multiple of {num_devices}")
-  from chainjax import precision
-
-  for field, parse in (("precision.policy", precision.get_policy),
-                       ("precision.loss_scale", precision.parse_loss_scale)):
-    try:
-      parse(_get(config, field))
-    except ValueError as e:
-      raise ConfigError(field, str(e)) from None
   metric = config.early_stopping.metric
   if metric and not metric.startswith("eval/"):
     raise ConfigError("early_stopping.metric", f"{metric!r} must name an eval metric, e.g. 'eval/accuracy'")
-  memory = available_memory()
-  example = _synthetic_example(config)  # known before the task exists, which would allocate its held-out set
-  if example is not None:
-    _check_data_memory(config, num_devices, example, memory)
-  if not config.data.name:
-    raise ConfigError("data.name", f"is empty; name a synthetic task ({', '.join(data_lib.TASKS)}) or a "
-                      "TFDS dataset")
-  try:
-    task = data_lib.get_task(config, workdir)
-  except ConfigError:
-    raise
-  except ValueError as e:
-    raise ConfigError("data", str(e)) from None
-  train_size = getattr(task, "train_size", 0)
-  if train_size and config.batch_size > train_size:
-    raise ConfigError("batch_size", f"{config.batch_size} is larger than the {train_size} training examples of "
-                      f"{task.name} (split {config.data.split_train!r})")
-  if config.num_epochs and not getattr(task, "train_size", 0):
-    raise ConfigError("num_epochs", f"the {task.name} task is an endless stream with no epochs; set "
-                      "total_steps instead")
-  if example is None:
-    _check_data_memory(config, num_devices, _task_example(config, task), memory)
-  model = _validate_chain(config, task, stages_lib, chain_lib)
-  _validate_optim(config, task)
-  _check_state_memory(config, task, num_devices, model, chain_lib, memory)
-  return task
-
-
-# --------------------------------------------------------------------------------------------
-# Memory: what one batch and the train state need, against what the machine has.
-# --------------------------------------------------------------------------------------------
-
-
-def available_memory() -> tuple[int, int | None]:
-  """(host bytes, bytes of one accelerator or None where devices share host memory, e.g. CPU).
-
-  Host: physical memory, or a smaller cgroup limit (a container). Device: the allocator's
-  `bytes_limit` of the first local device, where JAX reports one.
-  """
-  host = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-  for limit_file in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
-    try:
-      with open(limit_file) as f:
-        limit = f.read().strip()
-    except OSError:
-      continue
-    if limit.isdigit() and 0 < int(limit) < host:
-      host = int(limit)
-  device = None
-  try:
-    import jax
-
-    stats = jax.local_devices()[0].memory_stats()
-    if stats and stats.get("bytes_limit"):
-      device = int(stats["bytes_limit"])
-  except Exception:  # a backend without memory statistics: its devices use host memory
-    device = None
-  return host, device
-
-
-class _Example:
-  """One example's bytes (inputs + labels + mask), how it is described, and the field that sets its size."""
-
-  def __init__(self, input_shape, input_dtype, label_values: int, size_field: str = "", size_value=None):
-    import numpy as np
-
-    input_dtype = np.dtype(input_dtype)
-    self.bytes = math.prod(input_shape) * input_dtype.itemsize + 4 * label_values + 4  # float32/int32, mask
-    self.describe = f"inputs {tuple(input_shape)} {input_dtype.name} + labels + mask"
-    self.size_field, self.size_value = size_field, size_value
-
-
-def _synthetic_example(config) -> _Example | None:
-  """The example of a synthetic task, from the config alone (None for other tasks and bad sizes)."""
-  data = config.data
-  if data.name == "parity" and data.levels >= 1 and data.d >= 1 and data.levels < 64 and 2**data.levels <= data.d:
-    return _Example((data.d,), "float32", 2**data.levels - 1, "data.d", data.d)  # XOR levels 2**(L-1) + .. + 1
-  if data.name == "line_parity" and data.num_images >= 1:
-    from chainjax.data import line_parity
-
-    size = line_parity.IMAGE_SIZE
-    return _Example((data.num_images, size, size, 1), "float32", data.num_images + 1, "data.num_images",
-                    data.num_images)
-  return None
-
-
-def _task_example(config, task) -> _Example:
-  from chainjax import data as data_lib
-
-  labels = sum(math.prod(spec.shape) for spec in task.label_specs)
-  size_field = "data.max_len" if config.data.name in data_lib.TEXT else ""
-  return _Example(tuple(task.input_shape), task.input_dtype, labels, size_field,
-                  config.data.max_len if size_field else None)
-
-
-def _bytes(n: int) -> str:
-  return f"{n} bytes ({n / 1e9:.1f} GB)"
-
-
-def _need(per_device: int, num_devices: int, memory) -> tuple[int, int, str] | None:
-  """(needed, available, description) when `per_device` bytes on every device do not fit, else None."""
-  host, device = memory
-  if device is not None:
-    return (per_device, device, " per device") if per_device > device else None
-  total = per_device * num_devices  # devices without memory of their own (CPU) all use host memory
-  return (total, host, "") if total > host else None
-
-
-def _where(memory) -> str:
-  return "host memory" if memory[1] is None else "device memory"
-
-
-def _check_data_memory(config, num_devices: int, example: _Example, memory) -> None:
-  """A batch of each kind, per device and on the host, and a synthetic task's held-out set (host)."""
-  host = memory[0]
-  size_note = f"; the example size is set by {example.size_field}={example.size_value}" if example.size_field else ""
-  if example.size_field:  # not even one example per device fits: the example is the problem, not a count
-    short = _need(example.bytes, num_devices, memory)
-    if short:
-      need, available, per = short
-      raise ConfigError(example.size_field, f"one example ({example.describe}, {example.size_field}="
-                        f"{example.size_value}) is {_bytes(example.bytes)}; one per device needs {_bytes(need)}"
-                        f"{per}, more than the {_bytes(available)} of {_where(memory)}")
-  for field, kind in (("batch_size", "train"), ("eval_batch_size", "eval")):
-    size = config[field]
-    head = f"one {kind} batch ({size} examples of {example.bytes} bytes: {example.describe}) needs"
-    short = _need(-(-size // num_devices) * example.bytes, num_devices, memory)
-    if short:
-      need, available, per = short
-      raise ConfigError(field, f"{head} {_bytes(need)}{per}, more than the {_bytes(available)} of "
-                        f"{_where(memory)}{size_note}")
-    if size * example.bytes > host:  # the host assembles every batch before it goes to the devices
-      raise ConfigError(field, f"{head} {_bytes(size * example.bytes)}, more than the {_bytes(host)} of host "
-                        f"memory{size_note}")
-  if config.data.name in ("parity", "line_parity") and config.data.eval_size * example.bytes > host:
-    raise ConfigError("data.eval_size", f"the held-out set ({config.data.eval_size} examples of {example.bytes} "
-                      f"bytes: {example.describe}) is kept in host memory and needs "
-                      f"{_bytes(config.data.eval_size * example.bytes)}, more than the {_bytes(host)} of host "
-                      f"memory{size_note}")
-
-
-def _check_state_memory(config, task, num_devices: int, model, chain_lib, memory) -> None:
-  """Parameters + optimizer state from shapes alone (`jax.eval_shape` of `tx.init`: traced, never compiled)."""
-  import jax
-  from flax import nnx
-
-  from chainjax import optim as optim_lib
-
-  if model is None:
-    return
-  params = nnx.state(model, nnx.Param)
-  leaves = [x for x in jax.tree.leaves(params) if hasattr(x, "shape")]
-  param_values = sum(math.prod(x.shape) for x in leaves)
-  param_bytes = sum(math.prod(x.shape) * x.dtype.itemsize for x in leaves)
-  try:
-    tx = optim_lib.build_optimizer(config.optim, max(num_updates(config, getattr(task, "train_size", 0)), 1),
-                                   chain_lib.stage_names(config))
-    opt_leaves = jax.tree.leaves(jax.eval_shape(tx.init, params))
-    opt_bytes = sum(math.prod(x.shape) * x.dtype.itemsize for x in opt_leaves if hasattr(x, "shape"))
-  except (ValueError, TypeError):  # the optimizer's own errors surface when it is built for the run
-    opt_bytes = 0
-  per_device = -(-(param_bytes + opt_bytes) // config.mesh.model)  # the `model` axis splits the state
-  short = _need(per_device, num_devices, memory)
-  if short:
-    need, available, per = short
-    replicas = "" if per else f" ({num_devices} devices x {_bytes(per_device)})"
-    raise ConfigError("chain.stages", f"the parameters ({param_values} values) and the {config.optim.optimizer} "
-                      f"state need {_bytes(need)}{per}{replicas}, more than the {_bytes(available)} of "
-                      f"{_where(memory)} (the {task.name} input is {tuple(task.input_shape)})")
-
-
-def _validate_chain(config, task, stages_lib, chain_lib):
-  """The stage list against the task; returns the abstract chain (shapes only) for the memory estimate."""
-  chain = config.chain
-  stages = list(chain.stages)
-  specs = task.label_specs
-  if not stages:
-    raise ConfigError("chain.stages", "is empty; give one stage config per task label")
-  for i, stage in enumerate(stages):
-    stages_lib.validate_stage_config(stage, f"chain.stages[{i}]")
-  names = [s.name for s in stages]
-  if len(set(names)) != len(names):
-    raise ConfigError("chain.stages", f"stage names must be unique, got {names}")
-  if len(stages) != len(specs):
-    raise ConfigError("chain.stages", f"the {task.name} task has {len(specs)} stage labels "
-                      f"({', '.join(s.name for s in specs)}); got {len(stages)} stages")
-  for i, (stage, spec) in enumerate(zip(stages, specs)):
-    if stage.loss and stage.loss not in spec.allowed_losses():
-      raise ConfigError(f"chain.stages[{i}].loss", f"{stage.loss!r} does not fit label {spec.name!r}; "
-                        f"allowed: {', '.join(spec.allowed_losses())}")
-  if not stages[-1].head.enabled:
-    raise ConfigError(f"chain.stages[{len(stages) - 1}].head.enabled", "the last stage needs a head")
-  weights = tuple(chain.loss_weights)
-  if weights and len(weights) != len(stages):
-    raise ConfigError("chain.loss_weights", f"has {len(weights)} entries for {len(stages)} stages")
-  if any(not isinstance(w, (int, float)) or not math.isfinite(w) or w < 0 for w in weights):
-    raise ConfigError("chain.loss_weights", f"must be finite numbers >= 0, got {weights}")
-  phases = tuple(chain.phase_steps)
-  if phases:
-    if any(not isinstance(p, int) or p <= 0 for p in phases):
-      raise ConfigError("chain.phase_steps", f"must be positive ints, got {phases}")
-    updates = num_updates(config, getattr(task, "train_size", 0))  # num_epochs resolved
-    if len(phases) != len(stages) or sum(phases) != updates:
-      what = f"total_steps={config.total_steps}" if config.num_epochs <= 0 else (
-          f"the run's {updates} updates (num_epochs={config.num_epochs}, total_steps={config.total_steps})")
-      raise ConfigError("chain.phase_steps", f"needs one budget per stage ({len(stages)}) summing to "
-                        f"{what}, got {phases}")
-  metric = config.early_stopping.metric
-  auc = [s.head.enabled and spec.is_binary and spec.shape == () for s, spec in zip(stages, specs)]
-  known = ["eval/loss", "eval/accuracy"] + (["eval/auc"] if auc[-1] else [])
-  for i, stage in enumerate(stages):
-    if stage.head.enabled:
-      known += [f"eval/stage_{i + 1}/{m}" for m in ("loss", "accuracy") + (("auc",) if auc[i] else ())]
-  if metric and metric not in known:
-    raise ConfigError("early_stopping.metric", f"{metric!r} is not an eval metric of this chain; "
-                      f"allowed: {', '.join(known)}")
-  if chain.mode == "decoupled":
-    for i, stage in enumerate(stages):
-      if not stage.head.enabled:
-        raise ConfigError(f"chain.stages[{i}].head.enabled", "decoupled mode cuts every gradient between "
-                          "stages, so a stage without a head never learns: enable its head, or use deep_supervision")
-  if chain.mode == "progressive" and metric:
-    raise ConfigError("early_stopping.metric", "progressive mode trains one stage per phase, so the eval metric "
-                      "changes meaning at every phase boundary: early stopping is not supported there (set it to '')")
-  if chain.mode == "progressive":
-    for i, stage in enumerate(stages):
-      if not stage.head.enabled:
-        raise ConfigError(f"chain.stages[{i}].head.enabled", "progressive mode trains every stage on its "
-                          "own head: enable it")
-  # Shapes: build the chain abstractly (no parameters allocated, nothing compiled).
-  from flax import nnx
-  try:
-    model = nnx.eval_shape(lambda: chain_lib.build_chain(config, task, rngs=nnx.Rngs(0)))
-  except ConfigError:
-    raise
-  except (ValueError, TypeError) as e:
-    detail = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-    raise ConfigError("chain.stages", f"do not fit the {task.name} input (shape {tuple(task.input_shape)}, "
-                      f"{task.input_dtype}): {detail}") from None
-  _check_model_sharding(config, model, chain_lib)
-  return model
-
-
-def _check_model_sharding(config, model, chain_lib) -> None:
-  """A `shard="model"` stage's kernels must split evenly along the `model` axis (else they would silently
-  stay replicated)."""
-  import jax
-  from flax import nnx
-
-  sharded = {i: stage.name for i, stage in enumerate(config.chain.stages) if stage.shard == "model"}
-  if config.mesh.model <= 1 or not sharded:
-    return
-  for path, leaf in jax.tree.leaves_with_path(nnx.state(model, nnx.Param)):
-    stage = chain_lib.stage_of_path(path)
-    if stage in sharded.values() and len(leaf.shape) >= 2 and leaf.shape[-1] % config.mesh.model:
-      index = next(i for i, name in sharded.items() if name == stage)
-      name = "/".join(str(getattr(k, "key", k)) for k in path)
-      raise ConfigError(f"chain.stages[{index}].shard", f"'model' splits kernels along their output axis, but "
-                        f"{name} has {leaf.shape[-1]} outputs, not divisible by mesh.model={config.mesh.model}")
-
-
-
-def _validate_optim(config, task) -> None:
-  """`config.optim` beyond types and simple ranges: schedule shapes, the plateau rule, per-stage entries."""
-  optim = config.optim
-  stage_names = [s.name for s in config.chain.stages]
-  for field in ("b1", "b2", "momentum"):
-    if not 0 <= optim[field] < 1:
-      raise ConfigError(f"optim.{field}", f"must be in [0, 1), got {optim[field]!r}")
-  for field in ("decay_rate", "lr_decay_per_stage", "plateau_factor"):
-    if not 0 < optim[field] <= 1:
-      raise ConfigError(f"optim.{field}", f"must be in (0, 1], got {optim[field]!r}")
-  if optim.end_lr_factor > 1:  # learning_rate is the peak; the decay ends at learning_rate * end_lr_factor
-    raise ConfigError("optim.end_lr_factor", f"must be in [0, 1], got {optim.end_lr_factor!r}")
-  if optim.plateau_min_scale > 1:
-    raise ConfigError("optim.plateau_min_scale", f"must be in [0, 1], got {optim.plateau_min_scale!r}")
-  if not optim.plateau_metric.startswith("eval/"):
-    raise ConfigError("optim.plateau_metric", f"{optim.plateau_metric!r} must name an eval metric, e.g. 'eval/loss'")
-  boundaries, scales = tuple(optim.boundaries), tuple(optim.scales)
-  if any(isinstance(b, bool) or not isinstance(b, int) or b < 0 for b in boundaries):
-    raise ConfigError("optim.boundaries", f"must be update counts (ints >= 0), got {boundaries}")
-  if any(b >= a for b, a in zip(boundaries, boundaries[1:])):
-    raise ConfigError("optim.boundaries", f"must be strictly increasing, got {boundaries}")
-  if any(isinstance(s, bool) or not isinstance(s, (int, float)) or not math.isfinite(s) or s < 0 for s in scales):
-    raise ConfigError("optim.scales", f"must be finite numbers >= 0, got {scales}")
-  if len(boundaries) != len(scales):
-    raise ConfigError("optim.scales", f"has {len(scales)} entries for {len(boundaries)} boundaries")
-
-  # Per-stage entries: known stage names, known and typed fields, "" / -1.0 or a valid value.
-  entries = {}
-  for name in optim.per_stage.keys():
-    field = f"optim.per_stage.{name}"
-    if name not in stage_names:
-      raise ConfigError(field, f"{name!r} is not a stage name; stages: {', '.join(stage_names)}")
-    entry = optim.per_stage[name]
-    if not isinstance(entry, ml_collections.ConfigDict):
-      raise ConfigError(field, f"must be a ConfigDict (config.stage_optim(...)), got {_type_name(entry)}")
-    _check_schema(entry, stage_optim(), field + ".")
-    if entry.get("optimizer", "") not in ("",) + OPTIMIZERS:
-      raise ConfigError(f"{field}.optimizer", f"{entry.optimizer!r} is not one of: \"\" (inherit), "
-                        f"{', '.join(OPTIMIZERS)}")
-    if entry.get("schedule", "") not in ("",) + SCHEDULES:
-      raise ConfigError(f"{field}.schedule", f"{entry.schedule!r} is not one of: \"\" (inherit), "
-                        f"{', '.join(SCHEDULES)}")
-    if entry.get("learning_rate", -1.0) != -1.0 and not entry.learning_rate > 0:
-      raise ConfigError(f"{field}.learning_rate", f"must be > 0, or -1.0 to inherit, got {entry.learning_rate!r}")
-    if entry.get("weight_decay", -1.0) != -1.0 and not entry.weight_decay >= 0:
-      raise ConfigError(f"{field}.weight_decay", f"must be >= 0, or -1.0 to inherit, got {entry.weight_decay!r}")
-    entries[name] = entry
-
-  # What each stage ends up with.
-  for name in stage_names:
-    entry = entries.get(name, {})
-    if entry and entry.get("frozen", False):
-      continue
-    where = f"optim.per_stage.{name}" if entry else "optim"
-    optimizer = entry.get("optimizer", "") if entry else ""
-    schedule = entry.get("schedule", "") if entry else ""
-    weight_decay = entry.get("weight_decay", -1.0) if entry else -1.0
-    optimizer, schedule = optimizer or optim.optimizer, schedule or optim.schedule
-    weight_decay = optim.weight_decay if weight_decay == -1.0 else weight_decay
-    if optimizer == "adam" and weight_decay > 0:
-      field = f"{where}.weight_decay" if entry and entry.get("weight_decay", -1.0) != -1.0 else (
-          f"{where}.optimizer" if entry and entry.get("optimizer", "") else "optim.weight_decay")
-      raise ConfigError(field, f"adam has no weight decay (stage {name!r}); use adamw, lamb, lion, sgd or "
-                        "adafactor, or weight_decay=0")
-    total = num_updates(config, getattr(task, "train_size", 0))
-    if schedule in ("warmup_cosine", "warmup_linear") and optim.warmup_steps >= total:
-      raise ConfigError("optim.warmup_steps", f"must be < the {total} updates of this run for {schedule}")
-    if schedule == "exponential_per_epoch" and optim.steps_per_epoch == 0 and not getattr(task, "train_size", 0):
-      raise ConfigError("optim.steps_per_epoch", f"exponential_per_epoch needs the epoch length and the "
-                        f"{task.name} task has no epochs (an endless stream): set it > 0")

@@ -348,7 +348,7 @@ def main(argv: list[str]) -> None:
   import jax  # after flag parsing, so --help is fast
 
   from chainjax import checkpoint as checkpoint_lib
-  from chainjax import config as config_lib
+  from chainjax import errors
   from chainjax import preemption
   from chainjax import train
 
@@ -370,9 +370,9 @@ def main(argv: list[str]) -> None:
       final = train.train_and_evaluate(config, _WORKDIR.value,  # validates config and data first
                                        heartbeat=step_watchdog.beat,
                                        allow_config_change=_ALLOW_CONFIG_CHANGE.value)
-  except (config_lib.ConfigError, train.WorkdirError) as e:
+  except (errors.ConfigError, errors.WorkdirError) as e:
     _fail(str(e), EXIT_BAD_CONFIG)
-  except train.NonFiniteLossError as e:
+  except errors.NonFiniteLossError as e:
     _fail(str(e), EXIT_NONFINITE)
   except checkpoint_lib.CheckpointSaveError as e:
     _fail(str(e), EXIT_SAVE_FAILED)

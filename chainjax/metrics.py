@@ -304,19 +304,29 @@ def _hms(seconds: float) -> str:
 STATE_METRICS = ("loss_scale", "skipped_steps")  # values of the train state: summarised by the last one
 
 
-def mean_metrics(records: list[Mapping[str, np.ndarray]]) -> dict[str, float]:
-  """Mean of each key over a list of per-step metric dicts (fetched from device); last value of state metrics.
+def add_to_sums(sums: Mapping[str, Any], metrics: Mapping[str, Any]) -> dict[str, Any]:
+  """Running sums of per-step metrics (jnp or numpy; the train step calls it inside its program).
 
-  `<stage>/auc_counts` (per-step threshold counts, see `auc_counts`) become `<stage>/auc` of the whole interval.
+  Sums every metric and counts the steps in `"steps"`; state metrics keep their last value;
+  `<stage>/auc_counts` (threshold counts, see `auc_counts`) add up like the rest.
   """
-  if not records:
-    return {}
+  out = {k: (v if k in STATE_METRICS else sums[k] + v) for k, v in metrics.items()}
+  out["steps"] = sums["steps"] + 1.0
+  return out
+
+
+def mean_of_sums(sums: Mapping[str, Any]) -> dict[str, float]:
+  """The interval's metrics from `add_to_sums` sums (fetched to the host): means, last state values,
+  and `<stage>/auc` of the whole interval from its summed threshold counts."""
+  steps = max(float(sums.get("steps", 0.0)), 1.0)
   out = {}
-  for k in records[0]:
+  for k, v in sums.items():
+    if k == "steps":
+      continue
     if k.endswith(AUC_COUNTS):
-      out[k[: -len(AUC_COUNTS)] + "auc"] = auc_from_counts(np.sum([r[k] for r in records], axis=0))
+      out[k[: -len(AUC_COUNTS)] + "auc"] = auc_from_counts(np.asarray(v))
     else:
-      out[k] = float(records[-1][k] if k in STATE_METRICS else np.mean([r[k] for r in records]))
+      out[k] = float(v) if k in STATE_METRICS else float(v) / steps
   return out
 
 

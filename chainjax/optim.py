@@ -13,7 +13,11 @@ Labels come from the parameter paths `('stages', <stage name>, ...)` (see
 n (0-based) uses `schedule(n)`. Decoupled weight decay touches only parameters
 with `ndim >= 2` (kernels, embeddings), never biases or norm scales.
 
-Typical use (what `train.py` does):
+`OPTIMIZERS` and `SCHEDULES` are the registries (name -> builder) that `config.optim.optimizer`,
+`config.optim.schedule` and `per_stage.<stage>` choose from; `validate` checks `config.optim`
+against them before anything is built.
+
+Typical use (what the trainer does):
 
     tx = build_optimizer(config.optim, config.total_steps, chain.stage_names(config))
     schedules = stage_schedules(config.optim, config.total_steps, chain.stage_names(config))
@@ -26,6 +30,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
@@ -34,15 +40,16 @@ import ml_collections
 import optax
 
 from chainjax import chain as chain_lib
-from chainjax.config import OPTIMIZERS, SCHEDULES, STAGE_OPTIM_FIELDS
+from chainjax import config as config_lib
+from chainjax.errors import ConfigError
 
 INHERIT = ""  # per_stage string fields (optimizer, schedule): "" = the default's value
 INHERIT_FLOAT = -1.0  # per_stage float fields (learning_rate, weight_decay): -1.0 = the default's value
 
 __all__ = [
-    "OPTIMIZERS", "SCHEDULES", "PlateauState", "StageOptim", "build_optimizer", "build_schedule",
+    "OPTIMIZERS", "SCHEDULES", "PlateauState", "StageOptim", "build_optimizer", "build_schedule", "check_names",
     "decay_mask", "freeze", "per_stage_norms", "plateau_scale", "plateau_scales", "report_eval_metric",
-    "resolve_stages", "stage_labels", "stage_learning_rates", "stage_schedules", "uses_plateau",
+    "resolve_stages", "stage_labels", "stage_learning_rates", "stage_schedules", "uses_plateau", "validate",
 ]
 
 
@@ -114,34 +121,67 @@ def _steps_per_epoch(optim: ml_collections.ConfigDict, from_data: int) -> int:
   return optim.steps_per_epoch or from_data
 
 
+def _constant(lr: float, optim: ml_collections.ConfigDict, total_steps: int, steps_per_epoch: int) -> optax.Schedule:
+  del optim, total_steps, steps_per_epoch
+  return optax.constant_schedule(lr)
+
+
+def _warmup_cosine(lr: float, optim: ml_collections.ConfigDict, total_steps: int,
+                   steps_per_epoch: int) -> optax.Schedule:
+  del steps_per_epoch
+  warmup = optim.warmup_steps
+  return optax.warmup_cosine_decay_schedule(
+      init_value=0.0, peak_value=lr, warmup_steps=warmup,
+      decay_steps=max(total_steps, warmup + 1), end_value=lr * optim.end_lr_factor)
+
+
+def _warmup_linear(lr: float, optim: ml_collections.ConfigDict, total_steps: int,
+                   steps_per_epoch: int) -> optax.Schedule:
+  del steps_per_epoch
+  warmup = optim.warmup_steps
+  return optax.join_schedules(
+      [optax.linear_schedule(0.0, lr, warmup),
+       optax.linear_schedule(lr, lr * optim.end_lr_factor, max(total_steps - warmup, 1))],
+      [warmup])
+
+
+def _exponential_per_epoch(lr: float, optim: ml_collections.ConfigDict, total_steps: int,
+                           steps_per_epoch: int) -> optax.Schedule:
+  del total_steps
+  if steps_per_epoch <= 0:
+    raise ValueError("config.optim.steps_per_epoch: exponential_per_epoch needs the epoch length; "
+                     "the data gives none, so set it > 0")
+  return optax.exponential_decay(init_value=lr, transition_steps=steps_per_epoch,
+                                 decay_rate=optim.decay_rate, staircase=True)
+
+
+def _piecewise_constant(lr: float, optim: ml_collections.ConfigDict, total_steps: int,
+                        steps_per_epoch: int) -> optax.Schedule:
+  del total_steps, steps_per_epoch
+  if len(optim.boundaries) != len(optim.scales):
+    raise ValueError(f"config.optim.boundaries: {len(optim.boundaries)} boundaries for "
+                     f"{len(optim.scales)} scales")
+  return optax.piecewise_constant_schedule(
+      lr, {int(b): float(s) for b, s in zip(optim.boundaries, optim.scales)})
+
+
+# `config.optim.schedule` -> fn(peak lr, config.optim, total updates, steps per epoch) -> optax schedule.
+SCHEDULES: dict[str, Callable[[float, ml_collections.ConfigDict, int, int], optax.Schedule]] = {
+    "constant": _constant,
+    "warmup_cosine": _warmup_cosine,
+    "warmup_linear": _warmup_linear,
+    "exponential_per_epoch": _exponential_per_epoch,
+    "piecewise_constant": _piecewise_constant,
+    "reduce_on_plateau": _constant,  # the plateau scale lives in the opt state
+}
+
+
 def _schedule(name: str, lr: float, optim: ml_collections.ConfigDict, total_steps: int,
               steps_per_epoch: int) -> optax.Schedule:
   """The schedule `name` peaking at `lr`; the other shape fields come from `optim`."""
-  warmup = optim.warmup_steps
-  if name in ("constant", "reduce_on_plateau"):  # the plateau scale lives in the opt state
-    return optax.constant_schedule(lr)
-  if name == "warmup_cosine":
-    return optax.warmup_cosine_decay_schedule(
-        init_value=0.0, peak_value=lr, warmup_steps=warmup,
-        decay_steps=max(total_steps, warmup + 1), end_value=lr * optim.end_lr_factor)
-  if name == "warmup_linear":
-    return optax.join_schedules(
-        [optax.linear_schedule(0.0, lr, warmup),
-         optax.linear_schedule(lr, lr * optim.end_lr_factor, max(total_steps - warmup, 1))],
-        [warmup])
-  if name == "exponential_per_epoch":
-    if steps_per_epoch <= 0:
-      raise ValueError("config.optim.steps_per_epoch: exponential_per_epoch needs the epoch length; "
-                       "the data gives none, so set it > 0")
-    return optax.exponential_decay(init_value=lr, transition_steps=steps_per_epoch,
-                                   decay_rate=optim.decay_rate, staircase=True)
-  if name == "piecewise_constant":
-    if len(optim.boundaries) != len(optim.scales):
-      raise ValueError(f"config.optim.boundaries: {len(optim.boundaries)} boundaries for "
-                       f"{len(optim.scales)} scales")
-    return optax.piecewise_constant_schedule(
-        lr, {int(b): float(s) for b, s in zip(optim.boundaries, optim.scales)})
-  raise ValueError(f"config.optim.schedule: unknown {name!r}; allowed: {', '.join(SCHEDULES)}")
+  if name not in SCHEDULES:
+    raise ValueError(f"config.optim.schedule: unknown {name!r}; allowed: {', '.join(SCHEDULES)}")
+  return SCHEDULES[name](lr, optim, total_steps, steps_per_epoch)
 
 
 def build_schedule(optim: ml_collections.ConfigDict, total_steps: int, steps_per_epoch: int = 0) -> optax.Schedule:
@@ -196,41 +236,64 @@ def freeze() -> optax.GradientTransformation:
   return optax.GradientTransformation(optax.init_empty_state, update)
 
 
-def _sgd(schedule: optax.Schedule, momentum: float, nesterov: bool, weight_decay: float, mu_dtype=None):
+def _sgd(schedule: optax.Schedule, weight_decay: float, optim: ml_collections.ConfigDict):
   """SGD with momentum; weight decay is decoupled from the momentum (SGDW) and scaled by the LR."""
   parts = []
-  if momentum:
-    parts.append(optax.trace(decay=momentum, nesterov=nesterov, accumulator_dtype=mu_dtype))
+  if optim.momentum:
+    parts.append(optax.trace(decay=optim.momentum, nesterov=optim.nesterov,
+                             accumulator_dtype=optim.mu_dtype or None))
   if weight_decay:
     parts.append(optax.add_decayed_weights(weight_decay, mask=decay_mask))
   parts.append(optax.scale_by_learning_rate(schedule))
   return optax.chain(*parts)
 
 
+def _adam(schedule: optax.Schedule, weight_decay: float, optim: ml_collections.ConfigDict):
+  if weight_decay:
+    raise ValueError("config.optim.weight_decay: adam has no weight decay; use adamw")
+  return optax.adam(schedule, b1=optim.b1, b2=optim.b2, eps=optim.eps, mu_dtype=optim.mu_dtype or None)
+
+
+def _adamw(schedule: optax.Schedule, weight_decay: float, optim: ml_collections.ConfigDict):
+  return optax.adamw(schedule, b1=optim.b1, b2=optim.b2, eps=optim.eps, weight_decay=weight_decay,
+                     mask=decay_mask, mu_dtype=optim.mu_dtype or None)
+
+
+def _lamb(schedule: optax.Schedule, weight_decay: float, optim: ml_collections.ConfigDict):
+  return optax.lamb(schedule, b1=optim.b1, b2=optim.b2, eps=optim.eps, weight_decay=weight_decay,
+                    mask=decay_mask)
+
+
+def _adafactor(schedule: optax.Schedule, weight_decay: float, optim: ml_collections.ConfigDict):
+  # optax adds adafactor's decay after the LR: the rate is not LR-scaled.
+  return optax.adafactor(schedule, weight_decay_rate=weight_decay or None, weight_decay_mask=decay_mask,
+                         dtype_momentum=optim.mu_dtype or jnp.float32)
+
+
+def _lion(schedule: optax.Schedule, weight_decay: float, optim: ml_collections.ConfigDict):
+  return optax.lion(schedule, b1=optim.b1, b2=optim.b2, weight_decay=weight_decay, mask=decay_mask,
+                    mu_dtype=optim.mu_dtype or None)
+
+
+# `config.optim.optimizer` -> fn(schedule, weight decay, config.optim) -> optax optimizer.
+# `optim.mu_dtype` sets the first moment's dtype where optax supports it (adam, adamw, lion,
+# sgd's momentum, adafactor's momentum; lamb keeps the parameters' dtype).
+OPTIMIZERS: dict[str, Callable[[optax.Schedule, float, ml_collections.ConfigDict], optax.GradientTransformation]] = {
+    "adam": _adam,
+    "adamw": _adamw,
+    "sgd": _sgd,
+    "lamb": _lamb,
+    "adafactor": _adafactor,
+    "lion": _lion,
+}
+
+
 def _optimizer(name: str, schedule: optax.Schedule, weight_decay: float,
                optim: ml_collections.ConfigDict) -> optax.GradientTransformation:
-  """One optimizer; `optim.mu_dtype` sets the first moment's dtype where optax supports it
-  (adam, adamw, lion, sgd's momentum, adafactor's momentum; lamb keeps the parameters' dtype)."""
-  mu_dtype = optim.mu_dtype or None
-  if name == "adam":
-    if weight_decay:
-      raise ValueError("config.optim.weight_decay: adam has no weight decay; use adamw")
-    return optax.adam(schedule, b1=optim.b1, b2=optim.b2, eps=optim.eps, mu_dtype=mu_dtype)
-  if name == "adamw":
-    return optax.adamw(schedule, b1=optim.b1, b2=optim.b2, eps=optim.eps, weight_decay=weight_decay,
-                       mask=decay_mask, mu_dtype=mu_dtype)
-  if name == "sgd":
-    return _sgd(schedule, optim.momentum, optim.nesterov, weight_decay, mu_dtype)
-  if name == "lamb":
-    return optax.lamb(schedule, b1=optim.b1, b2=optim.b2, eps=optim.eps, weight_decay=weight_decay,
-                      mask=decay_mask)
-  if name == "lion":
-    return optax.lion(schedule, b1=optim.b1, b2=optim.b2, weight_decay=weight_decay, mask=decay_mask,
-                      mu_dtype=mu_dtype)
-  if name == "adafactor":  # optax adds adafactor's decay after the LR: the rate is not LR-scaled
-    return optax.adafactor(schedule, weight_decay_rate=weight_decay or None, weight_decay_mask=decay_mask,
-                           dtype_momentum=mu_dtype or jnp.float32)
-  raise ValueError(f"config.optim.optimizer: unknown {name!r}; allowed: {', '.join(OPTIMIZERS)}")
+  """The optimizer `name` of `OPTIMIZERS`."""
+  if name not in OPTIMIZERS:
+    raise ValueError(f"config.optim.optimizer: unknown {name!r}; allowed: {', '.join(OPTIMIZERS)}")
+  return OPTIMIZERS[name](schedule, weight_decay, optim)
 
 
 def _stage_transform(stage: StageOptim, optim: ml_collections.ConfigDict, total_steps: int,
@@ -245,13 +308,12 @@ def _stage_transform(stage: StageOptim, optim: ml_collections.ConfigDict, total_
   return tx
 
 
-def build_optimizer(optim: ml_collections.ConfigDict, total_steps: int, stage_names: tuple[str, ...] = (),
+def build_optimizer(optim: ml_collections.ConfigDict, total_steps: int, stage_names: tuple[str, ...],
                     steps_per_epoch: int = 0) -> optax.GradientTransformation:
   """The optimizer of `config.optim` for a run of `total_steps` updates of a chain with `stage_names`.
 
   `steps_per_epoch` is the data's epoch length in updates (0 = unknown); a non-zero
-  `optim.steps_per_epoch` overrides it. Without `stage_names` (the old call) one
-  optimizer covers every parameter, and per-stage options are refused.
+  `optim.steps_per_epoch` overrides it.
 
   Example:
     >>> from chainjax import config as config_lib
@@ -264,15 +326,10 @@ def build_optimizer(optim: ml_collections.ConfigDict, total_steps: int, stage_na
     [-0.0, -0.001]
   """
   spe = _steps_per_epoch(optim, steps_per_epoch)
-  if stage_names:
-    stages = resolve_stages(optim, tuple(stage_names))
-    tx = optax.partition({name: _stage_transform(s, optim, total_steps, spe) for name, s in stages.items()},
-                         stage_labels(tuple(stage_names)))
-  else:
-    if optim.get("per_stage") or optim.lr_decay_per_stage != 1.0:
-      raise ValueError("config.optim.per_stage / lr_decay_per_stage need build_optimizer(..., stage_names)")
-    default = StageOptim(optim.optimizer, optim.learning_rate, optim.schedule, optim.weight_decay, False)
-    tx = _stage_transform(default, optim, total_steps, spe)
+  stage_names = tuple(stage_names)
+  stages = resolve_stages(optim, stage_names)
+  tx = optax.partition({name: _stage_transform(s, optim, total_steps, spe) for name, s in stages.items()},
+                       stage_labels(stage_names))
   if optim.grad_clip_norm > 0:
     tx = optax.chain(optax.clip_by_global_norm(optim.grad_clip_norm), tx)
   return tx
@@ -404,3 +461,96 @@ def per_stage_norms(tree: Any, prefix: str) -> dict[str, jax.Array]:
     sq = jnp.sum(jnp.square(jnp.asarray(leaf, jnp.float32)))
     squares[stage] = squares[stage] + sq if stage in squares else sq
   return {f"{prefix}/{stage}": jnp.sqrt(sq) for stage, sq in squares.items()}
+
+
+# --------------------------------------------------------------------------------------------
+# Validation of config.optim.
+# --------------------------------------------------------------------------------------------
+
+
+def check_names(optim: ml_collections.ConfigDict) -> None:
+  """Raises `ConfigError` when `optim.optimizer` or `optim.schedule` is not a name of `OPTIMIZERS` /
+  `SCHEDULES` (needs nothing but `config.optim`: run it before the task is opened)."""
+  for field, allowed in (("optimizer", tuple(OPTIMIZERS)), ("schedule", tuple(SCHEDULES))):
+    if optim[field] not in allowed:
+      raise ConfigError(f"optim.{field}", f"{optim[field]!r} is not one of: {', '.join(allowed)}")
+
+
+def validate(config: ml_collections.ConfigDict, num_updates: int, steps_per_epoch_known: bool,
+             task_name: str) -> None:
+  """Raises `ConfigError` for the first bad `config.optim` field beyond types and simple ranges.
+
+  Checks the optimizer and schedule names first (`check_names`), then the schedule shapes,
+  the plateau rule and the per-stage entries, then what each stage ends up with.
+  `num_updates` is the run's optimizer updates (`config.num_updates(config, task.train_size)`);
+  `steps_per_epoch_known` says whether the data has epochs (a non-zero `train_size`);
+  `task_name` names the task in messages.
+  """
+  optim = config.optim
+  check_names(optim)
+  stage_names = [s.name for s in config.chain.stages]
+  for field in ("b1", "b2", "momentum"):
+    if not 0 <= optim[field] < 1:
+      raise ConfigError(f"optim.{field}", f"must be in [0, 1), got {optim[field]!r}")
+  for field in ("decay_rate", "lr_decay_per_stage", "plateau_factor"):
+    if not 0 < optim[field] <= 1:
+      raise ConfigError(f"optim.{field}", f"must be in (0, 1], got {optim[field]!r}")
+  if optim.end_lr_factor > 1:  # learning_rate is the peak; the decay ends at learning_rate * end_lr_factor
+    raise ConfigError("optim.end_lr_factor", f"must be in [0, 1], got {optim.end_lr_factor!r}")
+  if optim.plateau_min_scale > 1:
+    raise ConfigError("optim.plateau_min_scale", f"must be in [0, 1], got {optim.plateau_min_scale!r}")
+  if not optim.plateau_metric.startswith("eval/"):
+    raise ConfigError("optim.plateau_metric", f"{optim.plateau_metric!r} must name an eval metric, e.g. 'eval/loss'")
+  boundaries, scales = tuple(optim.boundaries), tuple(optim.scales)
+  if any(isinstance(b, bool) or not isinstance(b, int) or b < 0 for b in boundaries):
+    raise ConfigError("optim.boundaries", f"must be update counts (ints >= 0), got {boundaries}")
+  if any(b >= a for b, a in zip(boundaries, boundaries[1:])):
+    raise ConfigError("optim.boundaries", f"must be strictly increasing, got {boundaries}")
+  if any(isinstance(s, bool) or not isinstance(s, (int, float)) or not math.isfinite(s) or s < 0 for s in scales):
+    raise ConfigError("optim.scales", f"must be finite numbers >= 0, got {scales}")
+  if len(boundaries) != len(scales):
+    raise ConfigError("optim.scales", f"has {len(scales)} entries for {len(boundaries)} boundaries")
+
+  # Per-stage entries: known stage names, known and typed fields, "" / -1.0 or a valid value.
+  entries = {}
+  for name in optim.per_stage.keys():
+    field = f"optim.per_stage.{name}"
+    if name not in stage_names:
+      raise ConfigError(field, f"{name!r} is not a stage name; stages: {', '.join(stage_names)}")
+    entry = optim.per_stage[name]
+    if not isinstance(entry, ml_collections.ConfigDict):
+      raise ConfigError(field, f"must be a ConfigDict (config.stage_optim(...)), got {type(entry).__name__}")
+    config_lib.check_schema(entry, config_lib.stage_optim(), field + ".")
+    if entry.get("optimizer", "") not in ("",) + tuple(OPTIMIZERS):
+      raise ConfigError(f"{field}.optimizer", f"{entry.optimizer!r} is not one of: \"\" (inherit), "
+                        f"{', '.join(OPTIMIZERS)}")
+    if entry.get("schedule", "") not in ("",) + tuple(SCHEDULES):
+      raise ConfigError(f"{field}.schedule", f"{entry.schedule!r} is not one of: \"\" (inherit), "
+                        f"{', '.join(SCHEDULES)}")
+    if entry.get("learning_rate", INHERIT_FLOAT) != INHERIT_FLOAT and not entry.learning_rate > 0:
+      raise ConfigError(f"{field}.learning_rate", f"must be > 0, or -1.0 to inherit, got {entry.learning_rate!r}")
+    if entry.get("weight_decay", INHERIT_FLOAT) != INHERIT_FLOAT and not entry.weight_decay >= 0:
+      raise ConfigError(f"{field}.weight_decay", f"must be >= 0, or -1.0 to inherit, got {entry.weight_decay!r}")
+    entries[name] = entry
+
+  # What each stage ends up with.
+  for name in stage_names:
+    entry = entries.get(name, {})
+    if entry and entry.get("frozen", False):
+      continue
+    where = f"optim.per_stage.{name}" if entry else "optim"
+    optimizer = entry.get("optimizer", INHERIT) if entry else INHERIT
+    schedule = entry.get("schedule", INHERIT) if entry else INHERIT
+    weight_decay = entry.get("weight_decay", INHERIT_FLOAT) if entry else INHERIT_FLOAT
+    optimizer, schedule = optimizer or optim.optimizer, schedule or optim.schedule
+    weight_decay = optim.weight_decay if weight_decay == INHERIT_FLOAT else weight_decay
+    if optimizer == "adam" and weight_decay > 0:
+      field = f"{where}.weight_decay" if entry and entry.get("weight_decay", INHERIT_FLOAT) != INHERIT_FLOAT else (
+          f"{where}.optimizer" if entry and entry.get("optimizer", INHERIT) else "optim.weight_decay")
+      raise ConfigError(field, f"adam has no weight decay (stage {name!r}); use adamw, lamb, lion, sgd or "
+                        "adafactor, or weight_decay=0")
+    if schedule in ("warmup_cosine", "warmup_linear") and optim.warmup_steps >= num_updates:
+      raise ConfigError("optim.warmup_steps", f"must be < the {num_updates} updates of this run for {schedule}")
+    if schedule == "exponential_per_epoch" and optim.steps_per_epoch == 0 and not steps_per_epoch_known:
+      raise ConfigError("optim.steps_per_epoch", f"exponential_per_epoch needs the epoch length and the "
+                        f"{task_name} task has no epochs (an endless stream): set it > 0")

@@ -15,7 +15,6 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
-import numpy as np
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
 
@@ -109,16 +108,3 @@ class DispatchWindow:
   def __len__(self) -> int:
     return len(self._pending)
 
-
-def process_slice(global_batch_size: int) -> slice:
-  """The rows of a global batch that this process feeds."""
-  per_process = global_batch_size // jax.process_count()
-  start = jax.process_index() * per_process
-  return slice(start, start + per_process)
-
-
-def put_batch(global_batch, mesh: jax.sharding.Mesh):
-  """Host numpy global batch -> global jax arrays sharded along `data` (each process sends its rows)."""
-  size = jax.tree.leaves(global_batch)[0].shape[0]
-  rows = process_slice(size)
-  return put_local_batch(jax.tree.map(lambda x: x[rows], global_batch), mesh, size)

@@ -1,10 +1,11 @@
 """Mixed precision: a dtype policy and loss scaling as an optax wrapper.
 
-Why in-house (DESIGN.md): jmp is inactive, and its `DynamicLossScale` drops a
-custom minimum scale whenever it crosses `jit` (the value is not part of its
-pytree, so it comes back as the default 1.0). Here every number the loss scale
-needs at run time lives in the optimizer state as an array: it survives `jit`,
-sharding and an Orbax checkpoint round trip like any other state.
+Why in-house rather than jmp: jmp is no longer developed, and its
+`DynamicLossScale` drops a custom minimum scale whenever it crosses `jit` (the
+value is not part of its pytree, so it comes back as the default 1.0). Here
+every number the loss scale needs at run time lives in the optimizer state as
+an array: it survives `jit`, sharding and an Orbax checkpoint round trip like
+any other state.
 
 Two independent pieces:
 
@@ -83,18 +84,9 @@ class Policy:
     """Floating leaves to `compute_dtype` (params and inputs, inside the loss function)."""
     return cast_floating(tree, self.compute_dtype)
 
-  def cast_to_param(self, tree):
-    """Floating leaves to `param_dtype` (what is stored and updated)."""
-    return cast_floating(tree, self.param_dtype)
-
   def cast_to_output(self, tree):
     """Floating leaves to `output_dtype` (the loss, logits, metrics)."""
     return cast_floating(tree, self.output_dtype)
-
-  @property
-  def is_mixed(self) -> bool:
-    """True when the compute dtype differs from the param dtype."""
-    return self.compute_dtype != self.param_dtype
 
 
 def _parse_dtype(name: str, where: str) -> np.dtype:
@@ -421,9 +413,3 @@ def skipped_steps(opt_state) -> jax.Array:
 def is_finite_step(opt_state_before, opt_state_after) -> jax.Array:
   """A scalar bool: the update between the two states was applied (not skipped for non-finite grads)."""
   return skipped_steps(opt_state_after) == skipped_steps(opt_state_before)
-
-
-def scale_loss(loss: jax.Array, opt_state) -> jax.Array:
-  """`loss * current_loss_scale(opt_state)`, in float32 (differentiate this one)."""
-  return loss.astype(jnp.float32) * current_loss_scale(opt_state)
-

@@ -14,6 +14,7 @@ Measured on 2 CPU cores, 1 device (JAX 0.10.2), 2026-11-28, held-out set of 4096
   decoupled          - / - / 1.000                              ~19 s
   progressive        - / - / 1.000                              ~22 s
   end_to_end         - / - / 0.494 (chance)                     ~21 s
+  progressive_finetune 0.501 / 0.479 / 1.000                    ~31 s (2026-12-01, machine busy with tests)
 
 d and the budget were chosen so that end_to_end cannot find the 8-bit parity
 (it needs on the order of d**8 examples) while the supervised chain finds it
@@ -23,7 +24,8 @@ within the first 1000 updates: d=32 and d=64 both separate the modes (1.0 vs
 reaches 1.000.
 
 Variants (`get_config(arg)`, comma-separated key=value):
-  mode=<end_to_end|deep_supervision|decoupled|progressive>
+  mode=<end_to_end|deep_supervision|decoupled|progressive|progressive_finetune>
+                  (progressive_finetune: the last quarter of the updates fine-tunes end to end)
   runlocal        a seconds-long run for tests and smoke checks
 """
 
@@ -62,6 +64,9 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   config.optim.schedule = "warmup_cosine"
   config.optim.warmup_steps = 100
 
+  if config.chain.mode == "progressive_finetune":
+    config.chain.finetune_steps = config.total_steps // 4
+
   if args["runlocal"]:
     config.total_steps = 60
     config.eval_every = 30
@@ -71,6 +76,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     config.eval_batch_size = 256
     config.data.eval_size = 512
     config.optim.warmup_steps = 10
+    config.chain.finetune_steps = config.total_steps // 4 if config.chain.mode == "progressive_finetune" else 0
   return config
 
 
@@ -78,3 +84,4 @@ def sweep(add, arg=None):
   del arg
   for mode in ("end_to_end", "deep_supervision", "decoupled", "progressive"):
     add(**{"chain.mode": mode})
+  add(**{"chain.mode": "progressive_finetune", "chain.finetune_steps": 750})  # as get_config("mode=...") sets it

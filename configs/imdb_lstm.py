@@ -1,4 +1,4 @@
-"""The design document's IMDB experiment: Embedding -> LSTM -> Dense(relu) -> Dense(1), as a chain.
+"""The Keras IMDB recipe: Embedding -> LSTM -> Dense(relu) -> Dense(1), as a chain.
 
   tfds build imdb_reviews --file_format=array_record    # once, on a machine with network access
   python -m chainjax.main --config=configs/imdb_lstm.py --workdir=runs/imdb_lstm
@@ -7,7 +7,7 @@ Offline, on generated sentences with negation (nothing to download):
 
   python -m chainjax.main --config=configs/imdb_lstm.py:data=synthetic --workdir=runs/imdb_lstm_synthetic
 
-The recipe (design document, section 5.2): the 20000 most frequent training words,
+The recipe (as in the Keras IMDB examples): the 20000 most frequent training words,
 reviews cut/padded to 256 ids in front (Keras `pad_sequences`), Embedding(20000,
 128) -> LSTM(128) -> Dense(128, relu) -> Dense(1), sigmoid cross-entropy from
 logits, Adam lr 2e-5 (b1 0.9) with lr * 0.1**epoch, batch 16, 20 epochs, early

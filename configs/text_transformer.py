@@ -1,4 +1,4 @@
-"""The design document's BERT case (section 4.3) as a chain: a small BERT-style encoder, then a classifier.
+"""A BERT-style text classifier as a chain: a small BERT-style encoder, then a classifier.
 
   python -m chainjax.main --config=configs/text_transformer.py --workdir=runs/text_transformer
   python -m chainjax.main --config=configs/text_transformer.py:data=sst2 --workdir=runs/sst2_transformer

@@ -33,9 +33,9 @@ def checkpoint_steps(workdir) -> list[int]:
   return sorted(int(d) for d in os.listdir(root) if d.isdigit())
 
 
-def final_state(workdir) -> dict:
-  """The newest checkpoint's train state as numpy arrays (read without a target)."""
-  step = checkpoint_steps(workdir)[-1]
+def final_state(workdir, step: int | None = None) -> dict:
+  """The train state of the newest checkpoint (or of `step`) as numpy arrays (read without a target)."""
+  step = checkpoint_steps(workdir)[-1] if step is None else step
   with ocp.StandardCheckpointer() as ckpt:
     state = ckpt.restore(os.path.join(workdir, "checkpoints", str(step), "state"))
   return {"step": step, "tree": state}

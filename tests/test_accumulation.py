@@ -10,6 +10,7 @@ from flax import nnx
 from chainjax import chain as chain_lib
 from chainjax import data as data_lib
 from chainjax import stages
+from chainjax import experiment
 from chainjax import train
 
 from helpers import load_config
@@ -43,8 +44,8 @@ def _tx(clip: bool):
 
 
 def _run_big_batch(model, loss_fn, tx, batches):
-  graphdef, state = train.init_train_state(model, tx)
-  step = jax.jit(train.make_train_step(graphdef, loss_fn, tx, seed=0))
+  graphdef, state = experiment.init_train_state(model, tx)
+  step = jax.jit(experiment.make_train_step(graphdef, loss_fn, tx, seed=0))
   for batch in batches:
     state, _ = step(state, jax.tree.map(jnp.asarray, batch))
   return state
@@ -61,23 +62,23 @@ def test_accumulation_matches_one_big_batch(impl, clip):
 
   if impl == "scan":
     tx = _tx(clip)
-    graphdef, state = train.init_train_state(model, tx)
-    step = jax.jit(train.make_train_step(graphdef, loss_fn, tx, seed=0, accum_steps=A))
+    graphdef, state = experiment.init_train_state(model, tx)
+    step = jax.jit(experiment.make_train_step(graphdef, loss_fn, tx, seed=0, accum_steps=A))
     for batch in batches:
       state, _ = step(state, jax.tree.map(jnp.asarray, batch))
   else:
     tx = optax.MultiSteps(_tx(clip), every_k_schedule=A).gradient_transformation()
-    graphdef, state = train.init_train_state(model, tx)
-    step = jax.jit(train.make_train_step(graphdef, loss_fn, tx, seed=0, accum_steps=A))
+    graphdef, state = experiment.init_train_state(model, tx)
+    step = jax.jit(experiment.make_train_step(graphdef, loss_fn, tx, seed=0, accum_steps=A))
     for batch in batches:
       denominator = jnp.float32(batch["mask"].sum() / A)
       for i in range(A):
         micro = jax.tree.map(lambda x: jnp.asarray(x[i::A]), batch)
         state, _ = step(state, micro, denominator, jnp.int32(i))
-  assert int(state["step"]) == len(batches) == int(big["step"])  # counters count optimizer updates
+  assert int(state.step) == len(batches) == int(big.step)  # counters count optimizer updates
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6, rtol=0),
-               nnx.to_pure_dict(state["params"]), nnx.to_pure_dict(big["params"]))
-  moved = optax.tree.norm(jax.tree.map(jnp.subtract, nnx.to_pure_dict(state["params"]), params0))
+               nnx.to_pure_dict(state.params), nnx.to_pure_dict(big.params))
+  moved = optax.tree.norm(jax.tree.map(jnp.subtract, nnx.to_pure_dict(state.params), params0))
   assert float(moved) > 1e-3  # training did move the parameters
 
 
@@ -95,12 +96,12 @@ def test_batchnorm_statistics_are_per_micro_batch():
   task, model, loss_fn = _setup(config)
   batch = jax.tree.map(jnp.asarray, task.train_batch(0, 16))
   tx = optax.sgd(1.0)
-  graphdef, state = train.init_train_state(model, tx)
-  params0 = nnx.to_pure_dict(state["params"])
-  acc_state, _ = jax.jit(train.make_train_step(graphdef, loss_fn, tx, seed=0, accum_steps=A))(state, batch)
+  graphdef, state = experiment.init_train_state(model, tx)
+  params0 = nnx.to_pure_dict(state.params)
+  acc_state, _ = jax.jit(experiment.make_train_step(graphdef, loss_fn, tx, seed=0, accum_steps=A))(state, batch)
 
-  graphdef, state = train.init_train_state(model, tx)
-  grads_sum, rest = None, state["rest"]
+  graphdef, state = experiment.init_train_state(model, tx)
+  grads_sum, rest = None, state.rest
   for i in range(A):
     micro = jax.tree.map(lambda x: x[i::A], batch)
 
@@ -109,18 +110,18 @@ def test_batchnorm_statistics_are_per_micro_batch():
       out = m(micro["inputs"], mode=loss_fn.mode, train=True)
       return loss_fn(out, micro["labels"], micro["mask"], denominator=jnp.float32(16))[0], nnx.state(m, nnx.Not(nnx.Param))
 
-    grads, rest = jax.grad(objective, has_aux=True)(state["params"])
+    grads, rest = jax.grad(objective, has_aux=True)(state.params)
     grads_sum = grads if grads_sum is None else jax.tree.map(jnp.add, grads_sum, grads)
   expected = jax.tree.map(jnp.subtract, params0, nnx.to_pure_dict(grads_sum))
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5),
-               nnx.to_pure_dict(acc_state["params"]), expected)
+               nnx.to_pure_dict(acc_state.params), expected)
   # Running statistics were updated once per micro-batch, in order.
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6),
-               nnx.to_pure_dict(acc_state["rest"]), nnx.to_pure_dict(rest))
-  big_state, _ = jax.jit(train.make_train_step(graphdef, loss_fn, tx, seed=0))(
-      train.init_train_state(model, tx)[1], batch)
-  assert not np.allclose(jax.tree.leaves(nnx.to_pure_dict(big_state["params"]))[0],
-                         jax.tree.leaves(nnx.to_pure_dict(acc_state["params"]))[0])
+               nnx.to_pure_dict(acc_state.rest), nnx.to_pure_dict(rest))
+  big_state, _ = jax.jit(experiment.make_train_step(graphdef, loss_fn, tx, seed=0))(
+      experiment.init_train_state(model, tx)[1], batch)
+  assert not np.allclose(jax.tree.leaves(nnx.to_pure_dict(big_state.params))[0],
+                         jax.tree.leaves(nnx.to_pure_dict(acc_state.params))[0])
 
 
 def test_accumulated_gradient_is_the_only_extra_parameter_sized_buffer():
@@ -129,13 +130,13 @@ def test_accumulated_gradient_is_the_only_extra_parameter_sized_buffer():
   config.chain.stages = [stages.stage_config("mlp", name=f"l{i}", features=1024, depth=1) for i in (1, 2, 3)]
   task, model, loss_fn = _setup(config)
   tx = optax.sgd(1e-3)
-  graphdef, state = train.init_train_state(model, tx)
-  param_bytes = sum(x.nbytes for x in jax.tree.leaves(state["params"]))
+  graphdef, state = experiment.init_train_state(model, tx)
+  param_bytes = sum(x.nbytes for x in jax.tree.leaves(state.params))
   micro = jax.tree.map(jnp.asarray, task.train_batch(0, 8))
   full = jax.tree.map(jnp.asarray, task.train_batch(0, 8 * A))
 
   def temp_bytes(accum, batch):
-    compiled = jax.jit(train.make_train_step(graphdef, loss_fn, tx, seed=0, accum_steps=accum)).lower(
+    compiled = jax.jit(experiment.make_train_step(graphdef, loss_fn, tx, seed=0, accum_steps=accum)).lower(
         state, batch).compile()
     analysis = compiled.memory_analysis()
     if analysis is None:

@@ -11,7 +11,7 @@ from chainjax import chain as chain_lib
 from chainjax import config as config_lib
 from chainjax import data as data_lib
 from chainjax import stages
-from chainjax import train
+from chainjax import experiment
 
 from helpers import override
 
@@ -113,7 +113,7 @@ def test_decoupled_stage_gradient_is_gradient_of_its_own_loss_alone(i):
 
 
 def test_deep_supervision_stage1_gradient_is_sum_of_per_loss_gradients():
-  """dL/dtheta_1 = sum_i w_i dl_i/dtheta_1 (design document, section 4.2)."""
+  """dL/dtheta_1 = sum_i w_i dl_i/dtheta_1 (the chain rule through every stage)."""
   config = parity_config("deep_supervision")
   _, model, loss_fn, batch = setup(config)
   chain_grads = grads_of(model, lambda m: loss_fn(m(batch["inputs"]), batch["labels"], batch["mask"])[0])
@@ -141,12 +141,12 @@ def test_progressive_phase_trains_only_its_stage_bit_identically():
   config = parity_config("progressive", total_steps=30)
   task, model, loss_fn, _ = setup(config)
   tx = optax.adamw(1e-2, weight_decay=0.1)  # weight decay would move frozen params if they were not held
-  graphdef, state = train.init_train_state(model, tx)
-  step = jax.jit(train.make_train_step(graphdef, loss_fn, tx, seed=0, phase=1, stage_names=("s0", "s1", "s2")))
-  before = nnx.to_pure_dict(state["params"])
+  graphdef, state = experiment.init_train_state(model, tx)
+  step = jax.jit(experiment.make_train_step(graphdef, loss_fn, tx, seed=0, phase=1, stage_names=("s0", "s1", "s2")))
+  before = nnx.to_pure_dict(state.params)
   for i in range(3):
     state, _ = step(state, jax.tree.map(jnp.asarray, task.train_batch(i, 32)))
-  after = nnx.to_pure_dict(state["params"])
+  after = nnx.to_pure_dict(state.params)
   for name in ("s0", "s2"):
     jax.tree.map(np.testing.assert_array_equal, before["stages"][name], after["stages"][name])
   changed = jax.tree.leaves(jax.tree.map(lambda a, b: bool(np.any(a != b)), before["stages"]["s1"],
@@ -262,11 +262,11 @@ def test_progressive_keeps_frozen_stages_batchnorm_statistics_bit_identical():
   model = chain_lib.Chain(cfgs, (8, 8, 1), jnp.float32, (spec,) * 3, rngs=nnx.Rngs(0))  # 8 -> 4 -> 2 -> 1 px
   loss_fn = chain_lib.ChainLoss("progressive", (spec,) * 3, ("sigmoid_bce",) * 3, (1.0, 1.0, 1.0))
   tx = optax.adamw(1e-2, weight_decay=0.1)
-  graphdef, state = train.init_train_state(model, tx)
+  graphdef, state = experiment.init_train_state(model, tx)
   phase = 1
-  step = jax.jit(train.make_train_step(graphdef, loss_fn, tx, seed=0, phase=phase,
+  step = jax.jit(experiment.make_train_step(graphdef, loss_fn, tx, seed=0, phase=phase,
                                        stage_names=("s0", "s1", "s2")))
-  before = nnx.to_pure_dict(state["rest"])["stages"]
+  before = nnx.to_pure_dict(state.rest)["stages"]
   assert all(len(jax.tree.leaves(before[f"s{i}"])) == 2 for i in range(3))  # mean and var of one BatchNorm
   rng = np.random.default_rng(0)
   for _ in range(3):
@@ -275,8 +275,93 @@ def test_progressive_keeps_frozen_stages_batchnorm_statistics_bit_identical():
     batch = {"inputs": jnp.asarray(images, jnp.float32), "labels": (labels,) * 3, "mask": jnp.ones(16)}
     state, metrics = step(state, batch)
     assert np.isfinite(float(metrics["loss"]))
-  after = nnx.to_pure_dict(state["rest"])["stages"]
+  after = nnx.to_pure_dict(state.rest)["stages"]
   for name in ("s0", "s2"):  # upstream and downstream of the trained stage
     jax.tree.map(np.testing.assert_array_equal, before[name], after[name])
   for old, new in zip(jax.tree.leaves(before["s1"]), jax.tree.leaves(after["s1"])):
     assert np.abs(np.asarray(old) - np.asarray(new)).max() > 1e-4
+
+
+# --------------------------------------------------------------------------------------------
+# Chain modes as objects; progressive_finetune.
+# --------------------------------------------------------------------------------------------
+
+
+def test_every_mode_is_one_definition_with_its_phases():
+  assert tuple(chain_lib.MODES) == ("end_to_end", "deep_supervision", "decoupled", "progressive",
+                                    "progressive_finetune")
+  assert [len(chain_lib.MODES[m].phases(3)) for m in chain_lib.MODES] == [1, 1, 1, 3, 4]
+  last = chain_lib.MODES["progressive_finetune"].phase(3, 3)  # the fine-tuning phase: end to end on the last loss
+  assert [last.counts(i) for i in range(3)] == [False, False, True]
+  assert [last.cuts_before(i) for i in range(3)] == [False, False, False] and last.trains_every_stage
+  greedy = chain_lib.MODES["progressive_finetune"].phase(3, 1)
+  assert [greedy.counts(i) for i in range(3)] == [False, True, False]
+  assert [greedy.cuts_before(i) for i in range(3)] == [False, True, False]
+  assert [greedy.trains(i) for i in range(3)] == [False, True, False]
+  with pytest.raises(config_lib.ConfigError, match=r"^config.chain.mode: 'greedy' is not one of: end_to_end"):
+    chain_lib.get_mode("greedy")
+
+
+def test_progressive_finetune_budgets_split_the_greedy_part_then_finetune():
+  config = parity_config("progressive_finetune", total_steps=13, **{"chain.finetune_steps": 3})
+  assert chain_lib.phase_budgets(config) == (4, 3, 3, 3)
+  assert chain_lib.phase_starts(config) == (0, 4, 7, 10)
+  config.chain.phase_steps = (2, 3, 5)
+  assert chain_lib.phase_starts(config) == (0, 2, 5, 10)
+
+
+@pytest.mark.parametrize("phase", [0, 1, 2])
+def test_progressive_finetune_greedy_phase_gradient_is_its_stage_loss_alone(phase):
+  """Phase j < n: only stage j gets a gradient, that of w_j * l_j alone (as in `progressive`)."""
+  config = parity_config("progressive_finetune", total_steps=40, **{"chain.finetune_steps": 10})
+  _, model, loss_fn, batch = setup(config)
+  grads = grads_of(model, lambda m: loss_fn(m(batch["inputs"], mode=loss_fn.mode, phase=phase), batch["labels"],
+                                            batch["mask"], phase=phase)[0])["stages"]
+  own = grads_of(model, lambda m: loss_fn.weights[phase] * stage_loss(loss_fn, m, batch, phase))["stages"]
+  for i in range(3):
+    if i == phase:
+      assert float(optax.tree.norm(grads[f"s{i}"])) > 0
+      jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-8), grads[f"s{i}"], own[f"s{i}"])
+    else:
+      assert float(optax.tree.norm(grads[f"s{i}"])) == 0.0
+
+
+def test_progressive_finetune_last_phase_gradient_is_end_to_end():
+  """Phase n: the gradient of every stage is that of w_n * l_n through the whole chain (as `end_to_end`)."""
+  config = parity_config("progressive_finetune", total_steps=40, **{"chain.finetune_steps": 10})
+  _, model, loss_fn, batch = setup(config)
+  grads = grads_of(model, lambda m: loss_fn(m(batch["inputs"], mode=loss_fn.mode, phase=3), batch["labels"],
+                                            batch["mask"], phase=3)[0])["stages"]
+  e2e = chain_lib.ChainLoss.from_config(parity_config("end_to_end"), loss_fn.specs)
+  expected = grads_of(model, lambda m: e2e(m(batch["inputs"], mode="end_to_end"), batch["labels"],
+                                           batch["mask"])[0])["stages"]
+  for name in ("s0", "s1"):
+    assert float(optax.tree.norm(grads[name]["body"])) > 0 and float(optax.tree.norm(grads[name]["head"])) == 0.0
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-8), grads, expected)
+
+
+def test_progressive_finetune_steps_train_one_stage_then_every_stage():
+  config = parity_config("progressive_finetune", total_steps=40, **{"chain.finetune_steps": 10})
+  task, model, loss_fn, _ = setup(config)
+  tx = optax.adam(1e-2)
+  graphdef, state = experiment.init_train_state(model, tx)
+  names = ("s0", "s1", "s2")
+  for phase, trained in ((2, {"s2"}), (3, set(names))):
+    step = jax.jit(experiment.make_train_step(graphdef, loss_fn, tx, seed=0, phase=phase, stage_names=names))
+    before = nnx.to_pure_dict(state.params)["stages"]
+    state, _ = step(state, jax.tree.map(jnp.asarray, task.train_batch(phase, 32)))
+    after = nnx.to_pure_dict(state.params)["stages"]
+    for name in names:
+      moved = float(optax.tree.norm(jax.tree.map(jnp.subtract, after[name]["body"], before[name]["body"])))
+      assert (moved > 0) == (name in trained), (phase, name, moved)
+
+
+@pytest.mark.parametrize("finetune_steps,phase_steps,field", [
+    (0, (), "chain.finetune_steps"), (40, (), "chain.finetune_steps"), (10, (10, 10, 20), "chain.phase_steps"),
+    (38, (), "total_steps")])
+def test_progressive_finetune_budgets_are_validated(finetune_steps, phase_steps, field):
+  config = parity_config("progressive_finetune", total_steps=40,
+                         **{"chain.finetune_steps": finetune_steps, "chain.phase_steps": phase_steps})
+  with pytest.raises(config_lib.ConfigError) as info:
+    experiment.validate(config, num_devices=1)
+  assert info.value.field == field, str(info.value)

@@ -9,18 +9,30 @@ import sys
 import ml_collections
 import pytest
 
+from chainjax import chain as chain_lib
 from chainjax import config as config_lib
+from chainjax import experiment
 from chainjax import stages
+from helpers import override
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 from configs import default  # noqa: E402
 
 
-@pytest.mark.parametrize("mode", ["end_to_end", "deep_supervision", "decoupled", "progressive"])
+@pytest.mark.parametrize("mode", ["end_to_end", "deep_supervision", "decoupled", "progressive",
+                                  "progressive_finetune"])
 def test_default_config_is_valid_in_every_mode(mode):
-  config_lib.validate(default.get_config(f"mode={mode}"), num_devices=8)
-  config_lib.validate(default.get_config(f"mode={mode},runlocal"), num_devices=8)
+  experiment.validate(default.get_config(f"mode={mode}"), num_devices=8)
+  experiment.validate(default.get_config(f"mode={mode},runlocal"), num_devices=8)
+
+
+def test_every_point_of_the_default_sweep_is_valid():
+  points = []
+  default.sweep(lambda **overrides: points.append(overrides))
+  assert {p["chain.mode"] for p in points} == set(chain_lib.MODES)
+  for point in points:
+    experiment.validate(override(default.get_config(), **point), num_devices=8)
 
 
 def test_every_default_field_is_typed():
@@ -35,7 +47,7 @@ def test_every_default_field_is_typed():
 
 def _error(config, num_devices=1) -> str:
   with pytest.raises(config_lib.ConfigError) as info:
-    config_lib.validate(config, num_devices)
+    experiment.validate(config, num_devices)
   message = str(info.value)
   assert "\n" not in message
   return message
@@ -71,6 +83,9 @@ def test_stage_list_must_fit_task():
   config = default.get_config()
   config.chain.stages[1].loss = "softmax_ce"
   assert _error(config).startswith("config.chain.stages[1].loss: 'softmax_ce' does not fit label 'level_2'")
+  config.chain.stages[1].loss = "mse"  # not a loss of the chain (`chain.LOSSES`)
+  assert _error(config).startswith("config.chain.stages[1].loss: 'mse' is not allowed; allowed: '', 'softmax_ce', "
+                                   "'sigmoid_bce', 'hinge'")
 
 
 # --------------------------------------------------------------------------------------------
@@ -127,6 +142,7 @@ BAD_VALUES = [
     ("chain.consistency_weight", -0.1, "config.chain.consistency_weight: must be >= 0, got -0.1"),
     ("chain.phase_steps", (100, 100, 100), "config.chain.phase_steps: needs one budget per stage (3) summing"),
     ("chain.phase_steps", (1000, 0, 2000), "config.chain.phase_steps: must be positive ints"),
+    ("chain.finetune_steps", -1, "config.chain.finetune_steps: must be >= 0, got -1"),
     ("optim.optimizer", "rmsprop", "config.optim.optimizer: 'rmsprop' is not one of: adam, adamw, sgd, lamb, "
      "adafactor, lion"),
     ("optim.learning_rate", 0.0, "config.optim.learning_rate: must be > 0, got 0.0"),
@@ -286,7 +302,7 @@ def test_validate_rejects_bad_value(field, value, expected):
   """validate(), called directly, refuses the value with one line that starts with `config.<field>:`."""
   config = _set(default.get_config(), field, value)  # valid as it comes (test_default_config_is_valid_...)
   with pytest.raises(config_lib.ConfigError) as info:
-    config_lib.validate(config, num_devices=DEVICES)
+    experiment.validate(config, num_devices=DEVICES)
   message = str(info.value)
   assert info.value.field == field, message
   assert "\n" not in message and message.startswith(expected), message
@@ -313,7 +329,7 @@ def test_validate_rejects_non_finite_floats(field, bad):
     config.optim.boundaries, value = (100,), (bad,)
   config = _set(config, field, value)
   with pytest.raises(config_lib.ConfigError) as info:
-    config_lib.validate(config, num_devices=DEVICES)
+    experiment.validate(config, num_devices=DEVICES)
   assert info.value.field == field, str(info.value)
   assert str(info.value).startswith(f"config.{field}: must be"), str(info.value)
 
@@ -471,7 +487,7 @@ def test_parse_arg_refuses_malformed_values(arg, words):
 @pytest.mark.parametrize("field", ["seed", "data.seed"])
 def test_seeds_must_fit_32_bits(field):
   config = _set(default.get_config(), field, 2**32 - 1)
-  config_lib.validate(config, num_devices=DEVICES)  # the largest seed is accepted
+  experiment.validate(config, num_devices=DEVICES)  # the largest seed is accepted
   config = _set(default.get_config(), field, 2**32)
   message = _error(config, DEVICES)
   assert message == f"config.{field}: must be in [0, 4294967295], got 4294967296"
@@ -497,7 +513,7 @@ _EXAMPLE = 64 * 4 + (4 + 2 + 1) * 4 + 4  # default parity example: 64 float32 in
 
 
 def _machine(monkeypatch, host, device=None):
-  monkeypatch.setattr(config_lib, "available_memory", lambda: (host, device))
+  monkeypatch.setattr(experiment, "available_memory", lambda: (host, device))
 
 
 def test_batch_larger_than_host_memory_is_refused(monkeypatch):
@@ -553,10 +569,10 @@ def test_parameters_and_optimizer_state_larger_than_memory_are_refused(monkeypat
 def test_memory_estimate_is_cheap_and_real_memory_is_read():
   import time
 
-  host, device = config_lib.available_memory()
+  host, device = experiment.available_memory()
   assert host > 10**8 and (device is None or device > 0)
   start = time.perf_counter()
-  config_lib.validate(default.get_config(), num_devices=DEVICES)
+  experiment.validate(default.get_config(), num_devices=DEVICES)
   assert time.perf_counter() - start < 10  # shapes only: nothing is allocated or compiled
 
 
@@ -565,7 +581,7 @@ def test_progressive_mode_refuses_early_stopping():
   config.early_stopping.metric = "eval/accuracy"
   with pytest.raises(config_lib.ConfigError, match=r"^config.early_stopping.metric: progressive mode trains one "
                      r"stage per phase"):
-    config_lib.validate(config, num_devices=8)
+    experiment.validate(config, num_devices=8)
 
 
 def test_a_model_sharded_kernel_that_does_not_split_is_an_error():
@@ -575,9 +591,9 @@ def test_a_model_sharded_kernel_that_does_not_split_is_an_error():
   config.chain.stages[1].features = 255
   with pytest.raises(config_lib.ConfigError, match=r"^config.chain.stages\[1\].shard: 'model' splits kernels along "
                      r"their output axis, but stages/level2/body/.* has 255 outputs, not divisible by mesh.model=2"):
-    config_lib.validate(config, num_devices=8)
+    experiment.validate(config, num_devices=8)
   config.chain.stages[1].features = 256
-  config_lib.validate(config, num_devices=8)
+  experiment.validate(config, num_devices=8)
 
 
 def test_cli_refuses_a_workdir_on_a_read_only_mount(tmp_path):

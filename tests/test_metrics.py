@@ -47,9 +47,14 @@ def test_thresholded_auc_of_summed_batches_is_close_to_exact():
   counts = sum(np.asarray(metrics.auc_counts(jnp.asarray(logits[i:i + 500]), jnp.asarray(labels[i:i + 500]),
                                              jnp.asarray(mask[i:i + 500]))) for i in range(0, 4000, 500))
   assert metrics.auc_from_counts(counts) == pytest.approx(metrics.roc_auc(logits, labels), abs=5e-3)
-  records = [{"stage_1/auc_counts": counts / 2, "loss": 1.0}, {"stage_1/auc_counts": counts / 2, "loss": 3.0}]
-  summary = metrics.mean_metrics(records)
-  assert summary["loss"] == 2.0 and "stage_1/auc_counts" not in summary
+  records = [{"stage_1/auc_counts": counts / 2, "loss": 1.0, "loss_scale": 8.0},
+             {"stage_1/auc_counts": counts / 2, "loss": 3.0, "loss_scale": 4.0}]
+  sums = {"stage_1/auc_counts": np.zeros_like(counts), "loss": 0.0, "loss_scale": 0.0, "steps": 0.0}
+  for record in records:
+    sums = metrics.add_to_sums(sums, record)
+  summary = metrics.mean_of_sums(sums)
+  assert sums["steps"] == 2.0 and summary["loss"] == 2.0 and "stage_1/auc_counts" not in summary
+  assert summary["loss_scale"] == 4.0  # a state metric: its last value
   assert summary["stage_1/auc"] == pytest.approx(metrics.auc_from_counts(counts))
 
 
@@ -63,33 +68,27 @@ def test_epoch_line_is_keras_like():
 
 
 def test_eval_auc_is_the_exact_auc_of_the_whole_padded_eval_set():
-  """`train.evaluate` on 8 devices, eval set not a multiple of the batch: AUC of the model's own logits."""
+  """`Experiment.evaluate` on 8 devices, eval set not a multiple of the batch: AUC of the model's own logits."""
   import jax
   from flax import nnx
 
-  from chainjax import chain as chain_lib
-  from chainjax import data as data_lib
-  from chainjax import parallel
-  from chainjax import train
+  from chainjax import experiment
   from chainjax.data import base
   from helpers import load_config
 
-  config = load_config("default", "runlocal", **{"data.eval_size": 300, "eval_batch_size": 64})
-  task = data_lib.get_task(config)
-  model = chain_lib.build_chain(config, task, rngs=nnx.Rngs(3))
-  loss_fn = chain_lib.ChainLoss.from_config(config, task.label_specs)
-  graphdef, state = train.init_train_state(model, train.build_tx(config, 10))
-  mesh = parallel.make_mesh()
-  with jax.set_mesh(mesh):
-    result = train.evaluate(jax.jit(train.make_eval_step(graphdef, loss_fn)), state,
-                            task.eval_iterator(64, base.Shard()), mesh, 64, 3)
+  config = load_config("default", "runlocal", seed=3, **{"data.eval_size": 300, "eval_batch_size": 64})
+  exp = experiment.Experiment(config)
+  task, state = exp.task, exp.init_state()
+  with jax.set_mesh(exp.mesh):
+    result = exp.evaluate(state, task.eval_iterator(64, base.Shard()))
+  model = nnx.merge(exp.graphdef, state.params, state.rest)
   inputs, labels = task._eval  # the whole held-out set, unpadded
   logits = model(jnp.asarray(inputs)).predictions[-1]
   expected = metrics.roc_auc(np.asarray(logits), labels[-1])
   assert result["eval/auc"] == result["eval/stage_3/auc"] == pytest.approx(expected, abs=1e-9)
   assert "eval/stage_1/auc" not in result  # stage 1 predicts 4 bits per example: no single ROC
   # Loss and accuracy: the 300 real examples only (the last batch holds 20 padded rows), each counted once.
-  _, by_hand = loss_fn(model(jnp.asarray(inputs)), [jnp.asarray(y) for y in labels], jnp.ones(300))
+  _, by_hand = exp.loss_fn(model(jnp.asarray(inputs)), [jnp.asarray(y) for y in labels], jnp.ones(300))
   for key in ("stage_1/loss", "stage_1/accuracy", "stage_2/loss", "stage_2/accuracy", "stage_3/loss",
               "stage_3/accuracy"):
     assert result[f"eval/{key}"] == pytest.approx(float(by_hand[key]), rel=1e-5), key

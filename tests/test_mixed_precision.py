@@ -9,6 +9,7 @@ from flax import nnx
 from chainjax import chain as chain_lib
 from chainjax import data as data_lib
 from chainjax import precision
+from chainjax import experiment
 from chainjax import train
 
 from helpers import load_config
@@ -20,9 +21,9 @@ def _step_setup(loss_scale: str, policy: str):
   task = data_lib.get_task(config)
   model = chain_lib.build_chain(config, task, rngs=nnx.Rngs(0))
   loss_fn = chain_lib.ChainLoss.from_config(config, task.label_specs)
-  tx = train.build_tx(config, config.total_steps)
-  graphdef, state = train.init_train_state(model, tx)
-  step = jax.jit(train.make_train_step(graphdef, loss_fn, tx, seed=0, policy=precision.get_policy(policy),
+  tx = experiment.build_tx(config, config.total_steps)
+  graphdef, state = experiment.init_train_state(model, tx)
+  step = jax.jit(experiment.make_train_step(graphdef, loss_fn, tx, seed=0, policy=precision.get_policy(policy),
                                        dynamic_loss_scale=loss_scale.startswith("dynamic")))
   batches = [jax.tree.map(jnp.asarray, task.train_batch(i, 64)) for i in range(3)]
   return state, step, batches
@@ -32,13 +33,13 @@ def test_fp16_overflow_is_skipped_params_unchanged_scale_halved():
   # A scale of 2**40 overflows float16 activations' gradients in the backward pass.
   state, step, batches = _step_setup("dynamic:initial_scale=2**40,period=1000,min_scale=1", "params=float32,"
                                      "compute=float16,output=float32")
-  before = jax.tree.map(np.array, nnx.to_pure_dict(state["params"]))
+  before = jax.tree.map(np.array, nnx.to_pure_dict(state.params))
   state, metrics = step(state, batches[0])
   assert float(metrics["skipped"]) == 1.0 and float(metrics["skipped_steps"]) == 1.0
   assert float(metrics["loss_scale"]) == 2.0**39
-  assert int(state["step"]) == 1 and int(state["nonfinite_step"]) == -1  # counted, not a NaN stop
+  assert int(state.step) == 1 and int(state.nonfinite_step) == -1  # counted, not a NaN stop
   jax.tree.map(lambda a, b: np.testing.assert_array_equal(a.view(np.uint32), np.asarray(b).view(np.uint32)),
-               before, nnx.to_pure_dict(state["params"]))  # bit for bit
+               before, nnx.to_pure_dict(state.params))  # bit for bit
   assert np.isfinite(float(metrics["loss"]))
 
 
@@ -51,7 +52,7 @@ def test_period_finite_steps_double_the_scale():
     scales.append(float(metrics["loss_scale"]))
     assert float(metrics["skipped"]) == 0.0
   assert scales == [8.0, 16.0, 16.0]
-  assert float(precision.current_loss_scale(state["opt_state"])) == 16.0
+  assert float(precision.current_loss_scale(state.opt_state)) == 16.0
 
 
 def test_loss_scale_and_its_min_scale_are_checkpointed(tmp_path):

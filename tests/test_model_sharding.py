@@ -11,6 +11,7 @@ from chainjax import chain as chain_lib
 from chainjax import config as config_lib
 from chainjax import data as data_lib
 from chainjax import parallel
+from chainjax import experiment
 from chainjax import train
 
 from helpers import final_state, load_config
@@ -29,16 +30,16 @@ def test_sharded_stage_kernels_split_along_model_axis():
   config = _config(model=2)
   task = data_lib.get_task(config)
   model = chain_lib.build_chain(config, task, rngs=nnx.Rngs(0))
-  _, state = train.init_train_state(model, train.build_tx(config, config.total_steps))
+  _, state = experiment.init_train_state(model, experiment.build_tx(config, config.total_steps))
   mesh = parallel.make_mesh(model=2)
   assert dict(mesh.shape) == {"data": 4, "model": 2}
-  shardings = train.train_state_shardings(config, state, mesh)
-  params = nnx.to_pure_dict(shardings["params"])
+  shardings = experiment.train_state_shardings(config, state, mesh)
+  params = nnx.to_pure_dict(shardings.params)
   assert params["stages"]["level1"]["body"]["layers"][0]["kernel"].spec == P(None, "model")
   assert params["stages"]["level1"]["body"]["layers"][0]["bias"].spec == P()  # 1-D: replicated
   assert params["stages"]["level2"]["body"]["layers"][0]["kernel"].spec == P()  # did not ask
   placed = jax.device_put(state, shardings)
-  kernel = nnx.to_pure_dict(placed["params"])["stages"]["level1"]["body"]["layers"][0]["kernel"]
+  kernel = nnx.to_pure_dict(placed.params)["stages"]["level1"]["body"]["layers"][0]["kernel"]
   assert {s.data.shape for s in kernel.addressable_shards} == {(kernel.shape[0], kernel.shape[1] // 2)}
 
 
@@ -55,4 +56,4 @@ def test_model_sharded_training_matches_replicated(tmp_path):
 def test_model_axis_must_divide_devices():
   config = _config(model=3)
   with pytest.raises(config_lib.ConfigError, match=r"config.mesh.model: 3 does not divide the 8 devices"):
-    config_lib.validate(config, num_devices=8)
+    experiment.validate(config, num_devices=8)

@@ -15,6 +15,7 @@ from flax import nnx
 from chainjax import chain as chain_lib
 from chainjax import config as config_lib
 from chainjax import data as data_lib
+from chainjax import experiment
 from chainjax import optim
 from chainjax import stages
 
@@ -106,7 +107,7 @@ def test_frozen_stage_is_bit_identical_after_jitted_updates():
   config.optim.optimizer, config.optim.weight_decay, config.optim.learning_rate = "adamw", 0.1, 0.05
   config.optim.grad_clip_norm = 1.0
   config.optim.per_stage.s0 = config_lib.stage_optim(frozen=True)
-  config_lib.validate(config)
+  experiment.validate(config, num_devices=1)
   graphdef, params, rest = nnx.split(model, nnx.Param, ...)
   # A -0.0 in the frozen stage: `+ 0.0` would turn it into +0.0; freeze() adds -0.0.
   layer = params["stages"]["s0"]["body"]["layers"][0]
@@ -220,15 +221,6 @@ def test_each_optimizer_follows_its_update_rule_on_a_quadratic(name, lr):
   assert float(loss(end)) == pytest.approx(ref_loss, rel=1e-4, abs=1e-6), name
 
 
-def test_old_call_without_stage_names_still_builds():
-  o = optim_config(optimizer="sgd", momentum=0.0, learning_rate=0.1)
-  params = {"w": jnp.ones(3)}
-  (updates,), _, _ = run_updates(optim.build_optimizer(o, 10), params, params, 1)
-  np.testing.assert_allclose(updates["w"], -0.1, rtol=1e-6)
-  with pytest.raises(ValueError, match="stage_names"):
-    optim.build_optimizer(optim_config(lr_decay_per_stage=0.5), 10)
-
-
 # --------------------------------------------------------------------------------------------
 # Schedules.
 # --------------------------------------------------------------------------------------------
@@ -273,13 +265,13 @@ SCHEDULE_FIELDS = dict(learning_rate=0.1, warmup_steps=4, end_lr_factor=0.1, dec
                        boundaries=(2, 5), scales=(0.5, 0.1), optimizer="sgd", momentum=0.0)
 
 
-@pytest.mark.parametrize("schedule", config_lib.SCHEDULES)
+@pytest.mark.parametrize("schedule", optim.SCHEDULES)
 def test_update_n_uses_schedule_of_n(schedule):
   """Linear loss, sgd without momentum: update n = -lr_n * grad, so lr_n is read off the update.
 
   Every update of both stages (stage b with its own peak 0.3, its end LR 0.3 *
   end_lr_factor) and the logged `train/lr/<stage>` must equal the closed form. Runs for
-  every name in `config.SCHEDULES`: a new schedule without a closed form fails here.
+  every name in `optim.SCHEDULES`: a new schedule without a closed form fails here.
   """
   total = 12
   o = optim_config(schedule=schedule, per_stage={"b": {"learning_rate": 0.3}}, **SCHEDULE_FIELDS)
@@ -552,8 +544,59 @@ def test_bad_optim_values_name_the_field(overrides, expected):
     else:
       config.optim[key] = value
   with pytest.raises(config_lib.ConfigError) as info:
-    config_lib.validate(config)
+    experiment.validate(config, num_devices=1)
   assert str(info.value).startswith(expected), str(info.value)
+
+
+def _validate_optim(updates=3000, epochs=True, **overrides):
+  """`optim.validate` on the default config with `config.optim` overrides (per_stage as in `optim_config`)."""
+  config = default.get_config()
+  config.optim.schedule = "constant"
+  for key, value in overrides.items():
+    if key == "per_stage":
+      for stage, kwargs in value.items():
+        config.optim.per_stage[stage] = config_lib.stage_optim(**kwargs)
+    else:
+      config.optim[key] = value
+  optim.validate(config, num_updates=updates, steps_per_epoch_known=epochs, task_name="toy")
+
+
+def test_validate_accepts_the_default_optim():
+  _validate_optim()
+  _validate_optim(schedule="warmup_cosine", warmup_steps=10, updates=11)
+  _validate_optim(schedule="exponential_per_epoch", epochs=True)
+  _validate_optim(schedule="exponential_per_epoch", epochs=False, steps_per_epoch=5)
+
+
+@pytest.mark.parametrize("kwargs,field,message", [
+    ({"optimizer": "rmsprop"}, "optim.optimizer",
+     "'rmsprop' is not one of: adam, adamw, sgd, lamb, adafactor, lion"),
+    ({"schedule": "step"}, "optim.schedule", "'step' is not one of: constant, warmup_cosine, warmup_linear, "
+     "exponential_per_epoch, piecewise_constant, reduce_on_plateau"),
+    ({"optimizer": "adam", "weight_decay": 0.1}, "optim.weight_decay", "adam has no weight decay (stage 'level1')"),
+    ({"schedule": "warmup_linear", "warmup_steps": 100, "updates": 100}, "optim.warmup_steps",
+     "must be < the 100 updates of this run for warmup_linear"),
+    ({"schedule": "exponential_per_epoch", "epochs": False}, "optim.steps_per_epoch",
+     "exponential_per_epoch needs the epoch length and the toy task has no epochs"),
+    ({"per_stage": {"level9": {}}}, "optim.per_stage.level9", "'level9' is not a stage name; stages: level1"),
+    # The names come first: an unknown optimizer is reported before a bad range elsewhere.
+    ({"optimizer": "rmsprop", "b1": 2.0}, "optim.optimizer", "'rmsprop' is not one of"),
+])
+def test_validate_names_the_field(kwargs, field, message):
+  with pytest.raises(config_lib.ConfigError) as info:
+    _validate_optim(**kwargs)
+  assert info.value.field == field
+  assert str(info.value).startswith(f"config.{field}: {message}"), str(info.value)
+
+
+def test_registries_name_every_choice():
+  assert tuple(optim.OPTIMIZERS) == ("adam", "adamw", "sgd", "lamb", "adafactor", "lion")
+  assert tuple(optim.SCHEDULES) == ("constant", "warmup_cosine", "warmup_linear", "exponential_per_epoch",
+                                    "piecewise_constant", "reduce_on_plateau")
+  with pytest.raises(ValueError, match=r"^config.optim.optimizer: unknown 'rmsprop'; allowed: adam, adamw"):
+    optim.build_optimizer(optim_config(optimizer="rmsprop"), 10, ("a",))
+  with pytest.raises(ValueError, match=r"^config.optim.schedule: unknown 'step'; allowed: constant, "):
+    optim.build_optimizer(optim_config(schedule="step"), 10, ("a",))
 
 
 def test_per_stage_entry_with_unknown_field_or_wrong_type():
@@ -561,10 +604,10 @@ def test_per_stage_entry_with_unknown_field_or_wrong_type():
   config.optim.per_stage.level1 = config_lib.stage_optim()
   config.optim.per_stage.level1.freeze = True
   with pytest.raises(config_lib.ConfigError, match=r"^config.optim.per_stage.level1.freeze: unknown field"):
-    config_lib.validate(config)
+    experiment.validate(config, num_devices=1)
   config.optim.per_stage.level1 = ml_collections.ConfigDict({**config_lib.stage_optim().to_dict(), "frozen": "yes"})
   with pytest.raises(config_lib.ConfigError, match=r"^config.optim.per_stage.level1.frozen: must be of type bool"):
-    config_lib.validate(config)
+    experiment.validate(config, num_devices=1)
 
 
 def test_valid_per_stage_config_passes_and_builds():
@@ -575,7 +618,7 @@ def test_valid_per_stage_config_passes_and_builds():
   config.optim.per_stage.level2.weight_decay = 1e-4
   config.optim.per_stage.level3.schedule = "reduce_on_plateau"
   config.optim.lr_decay_per_stage = 0.5
-  config_lib.validate(config, num_devices=8)
+  experiment.validate(config, num_devices=8)
   lrs = optim.stage_learning_rates(optim.stage_schedules(config.optim, config.total_steps,
                                                          chain_lib.stage_names(config)), 20)
   assert lrs["train/lr/level1"] == 0.0 and lrs["train/lr/level3"] == pytest.approx(1e-3)

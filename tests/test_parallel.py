@@ -20,6 +20,7 @@ from jax.sharding import PartitionSpec as P
 from chainjax import chain as chain_lib
 from chainjax import data as data_lib
 from chainjax import parallel
+from chainjax import experiment
 from chainjax import train
 
 from helpers import load_config
@@ -49,9 +50,9 @@ def _trajectory(mode: str, accum_steps: int, num_devices: int):
   task = data_lib.get_task(config)
   model = chain_lib.build_chain(config, task, rngs=nnx.Rngs(config.seed))
   loss_fn = chain_lib.ChainLoss.from_config(config, task.label_specs)
-  tx = train.build_tx(config, STEPS)
-  graphdef, state = train.init_train_state(model, tx)
-  step_fn = train.make_train_step(
+  tx = experiment.build_tx(config, STEPS)
+  graphdef, state = experiment.init_train_state(model, tx)
+  step_fn = experiment.make_train_step(
       graphdef, loss_fn, tx, seed=config.seed, phase=PROGRESSIVE_PHASE if mode == "progressive" else None,
       stage_names=chain_lib.stage_names(config), accum_steps=accum_steps)
 
@@ -63,7 +64,7 @@ def _trajectory(mode: str, accum_steps: int, num_devices: int):
   state = jax.device_put(snapshots[0], replicated)  # fresh buffers: the step donates them
   with jax.set_mesh(mesh):
     for step in range(STEPS):
-      batch = parallel.put_batch(task.train_batch(step, config.batch_size), mesh)
+      batch = parallel.put_local_batch(task.train_batch(step, config.batch_size), mesh, config.batch_size)
       state, metrics = train_step(state, batch)
       losses.append(float(metrics["loss"]))
       if step in (0, STEPS - 1):
@@ -85,9 +86,9 @@ def test_eight_devices_match_one_device(mode, accum_steps):
   (initial, one_first, one_last), one_losses, *_ = _trajectory(mode, accum_steps, 1)
   (_, eight_first, eight_last), eight_losses, *_ = _trajectory(mode, accum_steps, 8)
   # The comparison means something only if the parameters moved well beyond the tolerance.
-  assert _max_abs_diff(one_first["params"], initial["params"]) > 1000 * ATOL
+  assert _max_abs_diff(one_first.params, initial.params) > 1000 * ATOL
   for after, one, eight in (("1 update", one_first, eight_first), (f"{STEPS} updates", one_last, eight_last)):
-    assert int(one["step"]) == int(eight["step"])
+    assert int(one.step) == int(eight.step)
     diff = _max_abs_diff(one, eight)  # params, optimizer state, other variables
     assert diff <= ATOL, f"{mode}, accum_steps={accum_steps}, {after}: 1 vs 8 devices differ by {diff:.2e}"
   np.testing.assert_allclose(eight_losses, one_losses, rtol=0, atol=ATOL)

@@ -5,6 +5,7 @@ import pytest
 
 import tiny_tfds
 from chainjax import config as config_lib
+from chainjax import experiment
 from chainjax.data import base
 from chainjax.data import pipeline
 from chainjax.data import tfds_data
@@ -123,7 +124,7 @@ def test_in_memory_source_through_the_same_pipeline():
 
 def _error(config) -> str:
   with pytest.raises(config_lib.ConfigError) as info:
-    config_lib.validate(config, num_devices=8)
+    experiment.validate(config, num_devices=8)
   message = str(info.value)
   assert "\n" not in message
   return message
@@ -220,8 +221,8 @@ def test_progressive_phase_steps_are_checked_against_the_updates_of_an_epoch_run
   config = tiny_config(data_dir, "runlocal,epochs=3", **{"chain.mode": "progressive", "total_steps": 0})
   config.chain.loss_weights = ()
   config.chain.phase_steps = (6, 6, 6)
-  config_lib.validate(config, num_devices=8)
+  experiment.validate(config, num_devices=8)
   config.chain.phase_steps = (5, 5, 5)
   with pytest.raises(config_lib.ConfigError, match=r"^config.chain.phase_steps: needs one budget per stage \(3\) "
                      r"summing to the run's 18 updates \(num_epochs=3, total_steps=0\), got \(5, 5, 5\)"):
-    config_lib.validate(config, num_devices=8)
+    experiment.validate(config, num_devices=8)

@@ -39,7 +39,6 @@ def test_policy_parses_long_short_and_single_forms():
   assert p.param_dtype == p.compute_dtype == p.output_dtype == jnp.bfloat16
   p = precision.get_policy("compute=bf16")  # missing keys are float32
   assert (p.param_dtype, p.compute_dtype, p.output_dtype) == (jnp.float32, jnp.bfloat16, jnp.float32)
-  assert p.is_mixed and not precision.get_policy("f32").is_mixed
   assert precision.get_policy(p) is p
 
 
@@ -66,8 +65,8 @@ def test_policy_casts_only_floating_leaves():
   assert compute["w"].dtype == jnp.bfloat16 and compute["x"].dtype == jnp.bfloat16
   assert compute["ids"].dtype == jnp.int32 and compute["mask"].dtype == jnp.bool_ and compute["n"] == 3
   np.testing.assert_array_equal(compute["ids"], tree["ids"])
-  back = policy.cast_to_param(compute)
-  assert back["w"].dtype == jnp.float32 and back["ids"].dtype == jnp.int32
+  output = policy.cast_to_output(compute)  # predictions back to the output dtype before the loss
+  assert output["w"].dtype == jnp.float32 and output["ids"].dtype == jnp.int32 and output["n"] == 3
   assert policy.cast_to_output(jnp.ones(2, jnp.float16)).dtype == jnp.float32
   # An NNX parameter state (what the train step casts) keeps its structure.
   model = nnx.Linear(3, 2, rngs=nnx.Rngs(0))
@@ -288,7 +287,7 @@ def test_fp16_compute_with_scaled_loss_matches_fp32_gradients():
       p, inputs = policy.cast_to_compute(params), policy.cast_to_compute(x)
       prediction = policy.cast_to_output(inputs @ p["w"] + p["b"])
       loss = 1e-6 * jnp.mean((prediction - targets) ** 2)  # small, so fp16 cotangents underflow
-      return precision.scale_loss(loss, opt_state)
+      return loss.astype(jnp.float32) * precision.current_loss_scale(opt_state)  # as the train step does
     return loss_fn
 
   fp32, fp16 = precision.get_policy("f32"), precision.get_policy("params=f32,compute=f16,output=f32")
@@ -313,7 +312,7 @@ def test_train_step_keeps_params_bit_identical_on_a_skipped_step_for_any_wrappin
   the step's select on `is_finite_step` keeps every parameter's bits."""
   from chainjax import chain as chain_lib
   from chainjax import data as data_lib
-  from chainjax import train
+  from chainjax import experiment
   from helpers import load_config
 
   config = load_config("default", "runlocal", **{"data.d": 16})
@@ -321,16 +320,16 @@ def test_train_step_keeps_params_bit_identical_on_a_skipped_step_for_any_wrappin
   model = chain_lib.build_chain(config, task, rngs=nnx.Rngs(0))
   loss_fn = chain_lib.ChainLoss.from_config(config, task.label_specs)
   tx = optax.chain(precision.dynamic_loss_scale(optax.identity()), optax.scale(-1.0))
-  graphdef, state = train.init_train_state(model, tx)
-  state["params"] = jax.tree.map(lambda p: p.at[..., 0].set(-0.0), state["params"])  # signed zeros
-  before = _bits(state["params"])
+  graphdef, state = experiment.init_train_state(model, tx)
+  state = state._replace(params=jax.tree.map(lambda p: p.at[..., 0].set(-0.0), state.params))  # signed zeros
+  before = _bits(state.params)
   batch = jax.tree.map(jnp.asarray, task.train_batch(0, 32))
   batch["inputs"] = batch["inputs"].at[0].set(jnp.nan)  # one poisoned example: NaN loss and gradient
-  step = jax.jit(train.make_train_step(graphdef, loss_fn, tx, seed=0, dynamic_loss_scale=True))
+  step = jax.jit(experiment.make_train_step(graphdef, loss_fn, tx, seed=0, dynamic_loss_scale=True))
   new_state, metrics = step(state, batch)
   assert float(metrics["skipped"]) == 1.0 and float(metrics["skipped_steps"]) == 1.0
-  assert _bits(new_state["params"]) == before
-  assert int(new_state["step"]) == 1
+  assert _bits(new_state.params) == before
+  assert int(new_state.step) == 1
 
 
 def test_docstring_examples_run():
@@ -378,7 +377,7 @@ def test_a_skipped_step_leaves_batchnorm_statistics_and_optimizer_state_bit_iden
   from chainjax import config as config_lib
   from chainjax import data as data_lib
   from chainjax import stages
-  from chainjax import train
+  from chainjax import experiment
 
   config = config_lib.base_config()
   config.data.name, config.data.num_images, config.data.eval_size = "line_parity", 2, 16
@@ -389,9 +388,9 @@ def test_a_skipped_step_leaves_batchnorm_statistics_and_optimizer_state_bit_iden
   model = chain_lib.build_chain(config, task, rngs=nnx.Rngs(0))
   loss_fn = chain_lib.ChainLoss.from_config(config, task.label_specs)
   tx = precision.dynamic_loss_scale(optax.adam(1e-3))
-  graphdef, state = train.init_train_state(model, tx)
-  assert jax.tree.leaves(state["rest"])  # BatchNorm mean and var
-  step = jax.jit(train.make_train_step(graphdef, loss_fn, tx, seed=0, dynamic_loss_scale=True))
+  graphdef, state = experiment.init_train_state(model, tx)
+  assert jax.tree.leaves(state.rest)  # BatchNorm mean and var
+  step = jax.jit(experiment.make_train_step(graphdef, loss_fn, tx, seed=0, dynamic_loss_scale=True))
   batch = jax.tree.map(jnp.asarray, task.train_batch(0, 8))
   state, _ = step(state, batch)  # one applied step: statistics and moments are no longer at their init
   before = jax.device_get(state)
@@ -400,11 +399,11 @@ def test_a_skipped_step_leaves_batchnorm_statistics_and_optimizer_state_bit_iden
   assert float(metrics["skipped"]) == 1.0
   after = jax.device_get(after)
   for part in ("params", "rest"):
-    assert _bits(after[part]) == _bits(before[part]), part
-  inner_before = [x for x in jax.tree.leaves(before["opt_state"].inner_state)]
-  inner_after = [x for x in jax.tree.leaves(after["opt_state"].inner_state)]
+    assert _bits(getattr(after, part)) == _bits(getattr(before, part)), part
+  inner_before = [x for x in jax.tree.leaves(before.opt_state.inner_state)]
+  inner_after = [x for x in jax.tree.leaves(after.opt_state.inner_state)]
   assert _bits(inner_after) == _bits(inner_before)
-  assert int(after["opt_state"].skipped_steps) == int(before["opt_state"].skipped_steps) + 1
+  assert int(after.opt_state.skipped_steps) == int(before.opt_state.skipped_steps) + 1
 
 
 def test_a_new_optimizer_state_takes_the_loss_scale_of_the_old_one():
@@ -416,3 +415,25 @@ def test_a_new_optimizer_state_takes_the_loss_scale_of_the_old_one():
   assert float(carried.scale) == 2.0**14 and int(carried.skipped_steps) == 1
   assert carried.inner_state == tx.init(params).inner_state  # the new optimizer's own state
   assert precision.with_loss_scale_of(optax.sgd(0.1).init(params), old) == optax.sgd(0.1).init(params)
+
+
+def test_output_dtype_is_what_the_losses_read():
+  """`output=bfloat16`: the heads' predictions are rounded to bfloat16 before the losses and metrics."""
+  from chainjax import experiment
+  from helpers import load_config
+
+  base = load_config("default", "runlocal")
+  batch = jax.tree.map(jnp.asarray, experiment.Experiment(base).task.train_batch(0, 64))
+  losses = {}
+  for output in ("float32", "bfloat16"):
+    config = load_config("default", "runlocal", **{"precision.policy": f"params=float32,compute=float32,output={output}"})
+    exp = experiment.Experiment(config)
+    state = jax.device_get(exp.init_state())
+    sums, _ = jax.jit(exp.phases[0].eval_fn)(state, batch)
+    losses[output] = float(sums["loss"])
+  model = nnx.merge(exp.graphdef, state.params, state.rest)
+  out = model(batch["inputs"])
+  rounded = out.__class__(out.hiddens, tuple(y.astype(jnp.bfloat16).astype(jnp.float32) for y in out.predictions))
+  expected, _ = exp.loss_fn(rounded, batch["labels"], batch["mask"], denominator=jnp.ones(()))
+  assert losses["bfloat16"] == pytest.approx(float(expected), rel=1e-6)
+  assert losses["bfloat16"] != losses["float32"]  # the rounding is visible in the loss

@@ -241,7 +241,6 @@ def _mutated(stage_type="mlp", **changes):
     (dict(features=2.5), "chain.stages[2].features", "int"),  # wrong type
     (dict(depth=True), "chain.stages[2].depth", "int"),  # a bool is not an int
     (dict(activation="swish"), "chain.stages[2].activation", "'gelu'"),  # bad enum
-    (dict(loss="mse"), "chain.stages[2].loss", "'hinge'"),
     (dict(pass_to_next="logits"), "chain.stages[2].pass_to_next", "'prediction'"),
     ({"head.pool": "max"}, "chain.stages[2].head.pool", "'last'"),
     ({"head.enabled": 1}, "chain.stages[2].head.enabled", "bool"),

@@ -13,6 +13,7 @@ from tensorflow_datasets.testing import mocking as tfds_mocking
 
 from chainjax import chain as chain_lib
 from chainjax import config as config_lib
+from chainjax import experiment
 from chainjax import stages
 from chainjax.data import base
 from chainjax.data import pipeline
@@ -321,7 +322,7 @@ def test_text_configs_build_and_train(name, arg, num_stages):
                                       ("imdb_lstm", "runlocal"), ("text_transformer", ""),
                                       ("text_transformer", "aux"), ("text_transformer", "runlocal")])
 def test_text_configs_validate(name, arg):
-  task = config_lib.validate(helpers.load_config(name, arg), num_devices=8)
+  task = experiment.validate(helpers.load_config(name, arg), num_devices=8)
   assert task.name == "synthetic_sentiment" and task.label_specs[-1].is_binary
 
 

@@ -11,6 +11,7 @@ import pytest
 
 from chainjax import config as config_lib
 from chainjax import metrics as metrics_lib
+from chainjax import errors
 from chainjax import train
 
 from helpers import assert_trees_equal, checkpoint_steps, final_state, load_config, override
@@ -91,7 +92,7 @@ def test_early_stopping_stops_after_patience_evals(tmp_path):
 def test_nonfinite_loss_stops_with_step_and_keeps_last_good_checkpoint(tmp_path):
   config = load_config("default", "runlocal", total_steps=60, eval_every=10, checkpoint_every=10, log_every=1,
                        **{"optim.optimizer": "sgd", "optim.learning_rate": 1e30, "optim.schedule": "constant"})
-  with pytest.raises(train.NonFiniteLossError) as info:
+  with pytest.raises(errors.NonFiniteLossError) as info:
     train.train_and_evaluate(config, str(tmp_path))
   match = re.search(r"NaN/inf at train step (\d+);", str(info.value))
   assert match and 1 <= int(match.group(1)) <= 10, str(info.value)
@@ -108,9 +109,9 @@ def _diverging_config(**overrides):
 
 
 def test_a_diverging_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path):
-  with pytest.raises(train.DivergedError) as info:
+  with pytest.raises(errors.DivergedError) as info:
     train.train_and_evaluate(_diverging_config(), str(tmp_path))
-  assert isinstance(info.value, train.NonFiniteLossError)  # the same exit code (3) as NaN
+  assert isinstance(info.value, errors.NonFiniteLossError)  # the same exit code (3) as NaN
   match = re.search(r"diverged at train step (\d+): (\S+) is more than config.divergence_factor=1000 times its "
                     r"first logged value (\S+);", str(info.value))
   assert match, str(info.value)
@@ -274,7 +275,7 @@ def test_an_unwritable_config_json_is_one_line_and_a_finished_run_never_writes_i
       (tmp_path / run / "config.json").unlink()
     (tmp_path / run / "config.json").mkdir()  # a folder where the file goes
   assert train.train_and_evaluate(config, str(tmp_path / "done")) == final  # finished: nothing to write
-  with pytest.raises(train.WorkdirError, match=r"^--workdir=.*fresh: cannot write .*config.json: Is a directory$"):
+  with pytest.raises(errors.WorkdirError, match=r"^--workdir=.*fresh: cannot write .*config.json: Is a directory$"):
     train.train_and_evaluate(config, str(tmp_path / "fresh"))
 
 
@@ -289,9 +290,69 @@ def test_config_changes_ignore_intervals_data_paths_and_fields_newer_than_the_ch
   assert train.config_changes(saved, override(changed, divergence_factor=10.0))["divergence_factor"] == (None, 10.0)
 
 
+def test_progressive_finetune_trains_stage_by_stage_then_every_stage_end_to_end(tmp_path):
+  """Phases of 10 updates: 21-30 move only the last stage; 31-40 (fine-tuning) move every stage's body."""
+  config = load_config("default", "mode=progressive_finetune,runlocal", total_steps=40, eval_every=10,
+                       checkpoint_every=10, max_to_keep=4, **{"chain.finetune_steps": 10})
+  final = train.train_and_evaluate(config, str(tmp_path))
+  assert final["step"] == 40 and checkpoint_steps(tmp_path) == [10, 20, 30, 40]
+  params = {step: final_state(tmp_path, step)["tree"]["params"]["stages"] for step in (20, 30, 40)}
+
+  def moved(a, b, stage, part):
+    return max(float(np.max(np.abs(x - y))) for x, y in zip(jax.tree.leaves(a[stage][part]),
+                                                            jax.tree.leaves(b[stage][part])))
+
+  for stage in ("level1", "level2"):
+    assert moved(params[20], params[30], stage, "body") == 0.0 and moved(params[20], params[30], stage, "head") == 0.0
+    assert moved(params[30], params[40], stage, "body") > 0.0
+    assert moved(params[30], params[40], stage, "head") == 0.0  # only the last loss counts when fine-tuning
+  assert moved(params[20], params[30], "level3", "body") > 0.0 and moved(params[30], params[40], "level3", "head") > 0.0
+
+
 def test_progressive_mode_refuses_a_new_length_on_resume(tmp_path):
   """The phases split total_steps: a new length would move the boundaries and retrain a finished stage."""
   config = load_config("default", "mode=progressive,runlocal", total_steps=30, eval_every=10, checkpoint_every=10)
   train.train_and_evaluate(config, str(tmp_path))
   with pytest.raises(config_lib.ConfigError, match=r"^config.total_steps: differs from the config of the checkpoint"):
     train.train_and_evaluate(override(config, total_steps=60), str(tmp_path))
+
+
+def test_a_checkpoint_written_before_the_train_state_was_a_named_tuple_resumes(tmp_path):
+  """`tests/fixtures/checkpoint_v1`: step 20 of a 40-step run, written by chainjax at 44ba8be (the train state
+  a dict). Resuming it reaches the parameters that run had at step 40 (up to 1 vs 8 device summation order)."""
+  fixture = os.path.join(os.path.dirname(__file__), "fixtures")
+  workdir = tmp_path / "run"
+  shutil.copytree(os.path.join(fixture, "checkpoint_v1"), workdir, ignore=shutil.ignore_patterns("*.npz"))
+  config = load_config("../tests/fixtures/resume_config")
+  final = train.train_and_evaluate(config, str(workdir))
+  assert final["step"] == 40 and checkpoint_steps(workdir) == [20, 40]
+  expected = np.load(os.path.join(fixture, "checkpoint_v1", "final_params.npz"))
+  got = {"/".join(str(getattr(k, "key", k)) for k in path): np.asarray(v)
+         for path, v in jax.tree.leaves_with_path(final_state(workdir)["tree"]["params"])}
+  assert sorted(got) == sorted(expected.files)
+  restored = final_state(workdir, 20)["tree"]["params"]
+  start = {"/".join(str(getattr(k, "key", k)) for k in path): np.asarray(v)
+           for path, v in jax.tree.leaves_with_path(restored)}
+  for name in expected.files:
+    assert np.max(np.abs(got[name] - start[name])) > 1e-4, name  # the 20 resumed updates moved it
+    np.testing.assert_allclose(got[name], expected[name], atol=2e-6, err_msg=name)
+
+
+def test_throughput_counts_train_steps_only(tmp_path, monkeypatch):
+  """Every eval and checkpoint save takes an extra second here: counted, they would hold steps_per_sec under 10."""
+  import time
+
+  from chainjax import checkpoint as checkpoint_lib
+  from chainjax import experiment as experiment_lib
+
+  evaluate, save = experiment_lib.Experiment.evaluate, checkpoint_lib.Checkpointer.save
+  monkeypatch.setattr(experiment_lib.Experiment, "evaluate",
+                      lambda *args, **kwargs: (time.sleep(1.0), evaluate(*args, **kwargs))[1])
+  monkeypatch.setattr(checkpoint_lib.Checkpointer, "save", lambda *args, **kwargs: (time.sleep(1.0), save(*args, **kwargs))[1])
+  config = load_config("default", "runlocal", total_steps=20, eval_every=10, checkpoint_every=10)
+  train.train_and_evaluate(config, str(tmp_path))
+  records = metrics_lib.read_metrics(str(tmp_path))
+  assert [r["step"] for r in records] == [10, 20]
+  for record in records:  # 9 and 10 timed updates per interval, well under a second of compute
+    assert record["train/steps_per_sec"] > 10.0, record["train/steps_per_sec"]
+    assert record["train/examples_per_sec"] == pytest.approx(record["train/steps_per_sec"] * config.batch_size)

@@ -114,7 +114,7 @@ def test_a_hung_step_dumps_every_stack_and_exits_6(tmp_path):
   dump = stderr[stderr.index("Thread 0x"):]
   assert "most recent call first" in dump
   assert re.search(r"line \d+ in hang_in_put_local_batch", dump), dump[-3000:]  # where the main thread hangs
-  assert "in run_update" in dump and "in train_and_evaluate" in dump
+  assert re.search(r"line \d+ in update\n", dump) and "in train_and_evaluate" in dump  # Experiment.update
   steps = re.findall(r"\] (\d+)/\d+ ETA", stderr)
   assert steps and int(steps[-1]) == _HANG_AT_CALL - 1  # steps 1-5 completed: beats kept it quiet
   assert seconds < 60

@@ -6,6 +6,7 @@ import ml_collections
 
 from chainjax.data import base
 from chainjax.data.base import Batch, InputIterator, LabelSpec, Shard, Task
+from chainjax.errors import DataError
 
 SYNTHETIC = ("parity", "line_parity")  # generated in memory from (seed, step)
 TEXT = ("imdb_reviews", "glue/sst2", "synthetic_sentiment")  # text classification (`data/text.py`)
@@ -16,9 +17,12 @@ def get_task(config: ml_collections.ConfigDict, workdir: str | None = None) -> T
   """Builds the task named by `config.data.name` (the training stream also depends on `config.seed`).
 
   `workdir` holds what a pipeline derives from its data and must keep (a text
-  vocabulary); tasks that need none ignore it.
+  vocabulary); tasks that need none ignore it. A name that is no task is a `DataError`.
   """
   data = config.data
+  if not data.name:
+    raise DataError("name", f"is empty; name a synthetic task ({', '.join(SYNTHETIC + ('synthetic_sentiment',))}) "
+                    "or a TFDS dataset")
   if data.name == "parity":
     from chainjax.data import parity
 

@@ -21,8 +21,6 @@ import numpy as np
 
 Batch = dict  # {"inputs": np.ndarray [B, ...], "labels": tuple[np.ndarray, ...], "mask": np.ndarray [B]}
 
-LOSSES = ("softmax_ce", "sigmoid_bce", "hinge")
-
 
 @dataclasses.dataclass(frozen=True)
 class LabelSpec:

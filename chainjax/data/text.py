@@ -2,8 +2,9 @@
 
 Every text task reads records {text, label} from a random-access source, turns the
 text into `max_len` word ids with a `Vocabulary` of the training split, and gives
-every stage the same binary label ("sentiment"). The pieces, as in the Keras
-recipe the design document follows (`Tokenizer` + `pad_sequences(maxlen=256)`):
+every stage the same binary label ("sentiment"). The pieces follow the standard
+Keras IMDB recipe (`Tokenizer` + `pad_sequences(maxlen=256)`), so that a chain
+trained here is comparable with the Keras baseline:
 
   text -> lowercase, HTML line breaks removed, regex words -> ids (0 padding,
   1 out of vocabulary, 2.. the top `vocab_size - 2` training words) -> the last

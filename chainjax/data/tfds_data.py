@@ -18,18 +18,11 @@ from typing import Any
 
 import numpy as np
 
-from chainjax.config import ConfigError
+from chainjax.errors import ConfigError, DataError
 from chainjax.data import base
 from chainjax.data import pipeline
 
 SPLIT_FIELDS = ("split_train", "split_eval", "split_test")
-
-
-class DataError(ConfigError):
-  """A dataset that cannot be read as configured; `str(err)` names the `config.data` field."""
-
-  def __init__(self, field: str, message: str):
-    super().__init__(f"data.{field}", message)
 
 
 def prepare_hint(name: str, data_dir: str | None) -> str:

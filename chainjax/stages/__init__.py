@@ -14,7 +14,6 @@ anything is built.
 from __future__ import annotations
 
 import dataclasses
-import numbers
 from typing import Any
 
 import jax
@@ -22,8 +21,9 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from chainjax.config import ConfigError
-from chainjax.data.base import LOSSES, LabelSpec
+from chainjax import config as config_lib
+from chainjax.errors import ConfigError
+from chainjax.data.base import LabelSpec
 from chainjax.stages import conv, embedding, head, lstm, mlp, transformer
 from chainjax.stages import init as init_lib
 
@@ -44,7 +44,7 @@ class _Schema:
 _COMMON_DEFAULTS = {
     "name": "",
     "type": "",
-    "loss": "",  # "" = the task's default loss for this stage's label
+    "loss": "",  # "" = the task's default loss for this stage's label; else a name in chain.LOSSES
     "pass_to_next": "hidden",
     # Kernel init of every Dense/Conv/Embedding/attention kernel of the stage and its
     # head, by name (`init.INITS`); "default" = each Flax module's own default.
@@ -55,7 +55,7 @@ _COMMON_DEFAULTS = {
 }
 _COMMON_CHOICES = {
     "shard": ("replicated", "model"),
-    "loss": ("",) + LOSSES, "pass_to_next": PASS_TO_NEXT, "init": init_lib.INITS, "head.pool": head.POOLS,
+    "pass_to_next": PASS_TO_NEXT, "init": init_lib.INITS, "head.pool": head.POOLS,
 }
 
 _SCHEMAS = {
@@ -123,7 +123,8 @@ def stage_config(type: str, name: str, **overrides) -> ml_collections.ConfigDict
     try:
       node[leaf] = value
     except TypeError:
-      raise ConfigError(f"{path}.{key}", f"expected {_type_name(node[leaf])}, got {value!r}") from None
+      raise ConfigError(f"{path}.{key}", f"must be of type {config_lib.type_name(node[leaf])}, got {value!r} "
+                        f"({config_lib.type_name(value)})") from None
   validate_stage_config(cfg, path)
   return cfg
 
@@ -134,45 +135,6 @@ def _leaf_keys(defaults: dict[str, Any], prefix: str = "") -> list[str]:
   for key, value in sorted(defaults.items()):
     keys += _leaf_keys(value, f"{prefix}{key}.") if isinstance(value, dict) else [prefix + key]
   return keys
-
-
-def _type_name(default: Any) -> str:
-  if isinstance(default, tuple):
-    return "a tuple of ints"
-  return {bool: "bool", int: "int", float: "float (or int)", str: "str"}[type(default)]
-
-
-def _has_type(value: Any, default: Any) -> bool:
-  """Whether `value` fits the type of `default` (an int fits a float; a bool fits only a bool)."""
-  if isinstance(default, bool) or isinstance(value, bool):
-    return isinstance(default, bool) and isinstance(value, bool)
-  if isinstance(default, int):
-    return isinstance(value, numbers.Integral)
-  if isinstance(default, float):
-    return isinstance(value, numbers.Real)
-  if isinstance(default, str):
-    return isinstance(value, str)
-  if isinstance(default, tuple):
-    return isinstance(value, (tuple, list)) and all(_has_type(v, default[0]) for v in value)
-  raise TypeError(f"no type rule for default {default!r}")
-
-
-def _check_fields(cfg, defaults: dict[str, Any], path: str) -> None:
-  """Unknown, missing and wrongly typed fields of `cfg` against `defaults` (recursively)."""
-  for key in cfg.keys():
-    if key not in defaults:
-      raise ConfigError(f"{path}.{key}", f"unknown field; allowed: {', '.join(sorted(defaults))}")
-  for key, default in defaults.items():
-    if key not in cfg:
-      raise ConfigError(f"{path}.{key}", "missing field (build stage configs with stage_config)")
-    value = cfg[key]
-    if isinstance(default, dict):
-      if not hasattr(value, "keys"):
-        raise ConfigError(f"{path}.{key}", f"expected a ConfigDict with fields {', '.join(sorted(default))}, "
-                          f"got {value!r}")
-      _check_fields(value, default, f"{path}.{key}")
-    elif not _has_type(value, default):
-      raise ConfigError(f"{path}.{key}", f"expected {_type_name(default)}, got {type(value).__name__} {value!r}")
 
 
 def _get(cfg, dotted: str) -> Any:
@@ -193,7 +155,7 @@ def validate_stage_config(cfg, path: str) -> None:
     raise ConfigError(f"{path}.type", f"missing; allowed: {', '.join(STAGE_TYPES)}")
   _check_type(cfg["type"], path)
   schema = _SCHEMAS[cfg["type"]]
-  _check_fields(cfg, _defaults(cfg["type"]), path)
+  config_lib.check_schema(cfg, _defaults(cfg["type"]), f"{path}.", complete=True)
   if not cfg["name"]:
     raise ConfigError(f"{path}.name", "must be a non-empty name (metrics and checkpoints use it)")
   for key, allowed in {**_COMMON_CHOICES, **schema.choices}.items():
@@ -216,9 +178,9 @@ def validate_stage_config(cfg, path: str) -> None:
 def build_stage(cfg, in_shape: tuple[int, ...], in_dtype, *, rngs: nnx.Rngs, path: str = "stage") -> nnx.Module:
   """The stage module of `cfg` for per-example inputs of `in_shape` and `in_dtype`.
 
-  Raises `ConfigError` (fields under `path`) if `cfg` is invalid or does not fit the input.
+  `cfg` comes from `stage_config` or was checked by `validate_stage_config` (as a run's config
+  is); raises `ConfigError` (fields under `path`) if it does not fit the input.
   """
-  validate_stage_config(cfg, path)
   return _SCHEMAS[cfg.type].module.build(cfg, tuple(in_shape), np.dtype(in_dtype), rngs=rngs, path=path)
 
 
@@ -229,7 +191,6 @@ def build_head(cfg, in_shape: tuple[int, ...], spec: LabelSpec, *, rngs: nnx.Rng
   Raises `ConfigError` (field `f"{path}.head..."`) if its logits cannot take the
   shape `[B, *spec.logits_shape]`.
   """
-  validate_stage_config(cfg, path)
   if not cfg.head.enabled:
     return None
   return head.build(cfg.head, tuple(in_shape), spec, rngs=rngs, path=path,

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from chainjax.config import ConfigError
+from chainjax.errors import ConfigError
 from chainjax.stages import init as init_lib
 
 

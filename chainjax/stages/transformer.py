@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from chainjax.config import ConfigError
+from chainjax.errors import ConfigError
 from chainjax.stages import init as init_lib
 
 POOLS = ("none", "mean", "first")

@@ -1,0 +1,139 @@
+"""What every benchmark shares: the trainer's step from a config, fed and timed as the trainer runs it.
+
+A benchmark builds no step of its own. `StepBench(config)` builds an `experiment.Experiment`
+from the config it benchmarks (validation, task, mesh over all of this process's devices,
+precision policy, stage names, optimizer with loss scaling and accumulation, shardings) and
+times that experiment's `Phase.train_step`, the very jitted program `train.train_and_evaluate`
+calls, through `Experiment.update`, the very update the trainer's loop runs: the process-local
+numpy batch goes to the devices on every update (inside the timing), `accum_impl="optax"`
+makes one update `accum_steps` calls on micro-batches, and every call goes through the
+experiment's `parallel.DispatchWindow` (8 fake CPU devices deadlock without it).
+
+    bench = common.StepBench(config)              # phase 0 of the config's chain mode
+    batches = bench.train_batches(8)              # the trainer's first 8 batches (numpy, this process's rows)
+    bench.warm_up(batches)                        # compiles + a few updates, not timed
+    seconds = bench.run(common.cycle(batches, 100))   # 100 updates, waits for the last one
+    times = common.interleave({"a": lambda: ..., "b": lambda: ...}, repeats=3)
+    common.median(times["a"])                     # each benchmark reports the median of its repeats
+
+`bench.state` is the train state after the updates run so far (a `TrainState`), so a test can
+check that `bench.run(bench.train_batches(3))` ends where three updates of the trainer end.
+"""
+
+from __future__ import annotations
+
+import itertools
+import statistics
+import time
+from collections.abc import Callable, Iterable, Iterator
+
+
+import jax
+import ml_collections
+import numpy as np
+
+from chainjax import data as data_lib
+from chainjax import experiment as experiment_lib
+
+WARM_UP_UPDATES = 5
+
+
+def build_experiment(config: ml_collections.ConfigDict) -> experiment_lib.Experiment:
+  """The experiment of `config` (validated: a bad config raises `ConfigError`, as in training)."""
+  return experiment_lib.Experiment(config)
+
+
+class StepBench:
+  """The trainer's train step of one config, with its own train state, ready to be timed.
+
+  `phase`: the index of the chain mode's phase whose step is timed (0: the only one of
+  `deep_supervision` and `end_to_end`). Its step keeps being used past the phase's last update
+  (the LR schedules hold their final value), so a benchmark may run any number of updates.
+  """
+
+  def __init__(self, config: ml_collections.ConfigDict, phase: int = 0,
+               exp: experiment_lib.Experiment | None = None):
+    self.exp = exp or build_experiment(config)
+    self.config = self.exp.config
+    self.phase = self.exp.phases[phase]
+    self.state = self.exp.init_state()
+    if phase > 0:  # as the trainer enters a later phase: a fresh optimizer, the loss scale carried on
+      self.state = self.exp.enter_phase(self.state, self.phase)
+    self.sums = self.phase.zero_sums()
+    self.metrics = None
+    self.compiled = False
+
+  def train_iterator(self) -> data_lib.base.InputIterator:
+    """A fresh copy of the trainer's input: `task.train_iterator(batch_size, Shard.of_this_process())`."""
+    return self.exp.task.train_iterator(self.config.batch_size, data_lib.Shard.of_this_process())
+
+  def train_batches(self, n: int) -> list:
+    """The trainer's first `n` batches (this process's rows, numpy), held in host memory."""
+    return list(itertools.islice(self.train_iterator(), n))
+
+  def run(self, batches: Iterable) -> float:
+    """One update per batch of `batches` (process-local numpy); seconds until the last update is done.
+
+    The wall time covers fetching each batch from `batches` (an iterator: the input pipeline),
+    putting it on the devices and the step, and waiting for the last step's state and metrics.
+    """
+    state, sums, metrics = self.state, self.sums, self.metrics
+    start = time.perf_counter()
+    with jax.set_mesh(self.exp.mesh):
+      for batch in batches:
+        state, sums, metrics = self.exp.update(self.phase, state, sums, batch)
+      jax.block_until_ready((state, sums, metrics))
+      self.exp.window.wait()
+    seconds = time.perf_counter() - start
+    self.state, self.sums, self.metrics = state, sums, metrics
+    return seconds
+
+  def warm_up(self, batches: list, updates: int = WARM_UP_UPDATES) -> None:
+    """Compiles the step and runs `updates` updates (going round `batches`), none of it timed."""
+    self.run(cycle(batches, updates))
+    self.compiled = True
+
+  def temp_bytes(self, local_batch) -> float:
+    """The compiled train step's temporary buffers (bytes; NaN where the backend does not say).
+
+    Lowered with the current state and sums and `local_batch` (micro-batch 0 of it with
+    `accum_impl="optax"`), after `warm_up`: the compiled program is then the cached one, not
+    a second compile. Nothing is donated or run.
+    """
+    exp = self.exp
+    with jax.set_mesh(exp.mesh):
+      if exp.accum_by_optax:
+        a = exp.config.optim.accum_steps
+        micro = jax.tree.map(lambda x: x[0::a], local_batch)
+        denominator = exp.micro_denominator(exp.put_batch(local_batch["mask"]))
+        args = (exp.put_batch(micro, exp.config.batch_size // a), denominator, np.int32(0))
+      else:
+        args = (exp.put_batch(local_batch),)
+      memory = self.phase.train_step.lower(self.state, self.sums, *args).compile().memory_analysis()
+    return float(memory.temp_size_in_bytes) if memory is not None else float("nan")
+
+
+def cycle(batches: list, n: int) -> Iterator:
+  """`n` batches, going round `batches` (in-memory batches, reused as the old benchmarks did)."""
+  return itertools.islice(itertools.cycle(batches), n)
+
+
+def interleave(timers: dict[str, Callable[[], float]], repeats: int) -> dict[str, list[float]]:
+  """Calls every timer once per repeat, in turn, so that drift in the machine's speed hits all alike."""
+  times: dict[str, list[float]] = {name: [] for name in timers}
+  for _ in range(repeats):
+    for name, timer in timers.items():
+      times[name].append(timer())
+  return times
+
+
+def median(values: list[float]) -> float:
+  return statistics.median(values)
+
+
+def seconds_per_update(bench: StepBench, batches: list, steps: int, repeats: int) -> list[float]:
+  """Warm-up (compile excluded), then `repeats` runs of `steps` updates over in-memory `batches`:
+  seconds per update of each run."""
+  if not bench.compiled:
+    bench.warm_up(batches)
+  return [bench.run(cycle(batches, steps)) / steps for _ in range(repeats)]

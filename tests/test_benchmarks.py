@@ -1,0 +1,96 @@
+"""The benchmarks time the trainer's step: same state as `train_and_evaluate` after 3 updates; each one runs.
+
+`benchmarks/common.py` is the one code path every benchmark runs steps through (`StepBench.run`):
+three updates through it must end exactly where three updates of `train.train_and_evaluate` end,
+fed the same batches (the trainer's input iterator). The smoke tests run each benchmark script at
+its smallest setting, in a fresh process (the scripts own their flags and device counts), and
+check that it prints its ratio line.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+import helpers
+
+REPO = helpers.REPO
+sys.path.insert(0, REPO)  # benchmarks/ is not a package that is installed
+
+from benchmarks import common  # pylint: disable=g-import-not-at-top,wrong-import-position
+from chainjax import train  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+
+def _flat(tree) -> dict[str, np.ndarray]:
+  """{"stages/level1/.../kernel": array} for an nnx.State or the nested dict a checkpoint restores to
+  (which spells each variable's value as a last "value" key)."""
+  key = lambda k: str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k))))
+  out = {}
+  for path, leaf in jax.tree.leaves_with_path(tree):
+    names = [key(k) for k in path]
+    out["/".join(names[:-1] if names[-1] == "value" else names)] = np.asarray(leaf)
+  return out
+
+
+@pytest.mark.parametrize("overrides", [
+    {},
+    # One update = 2 calls with a shared denominator: the benchmarks' copy of the trainer's micro-batch loop.
+    pytest.param({"optim.accum_steps": 2, "optim.accum_impl": "optax"}, marks=pytest.mark.slow),
+], ids=["plain", "optax_accum"])
+def test_benchmark_step_matches_trainer_step(tmp_path, overrides):
+  settings = dict(total_steps=3, checkpoint_every=3, eval_every=3, log_every=3,
+                  **{"data.eval_size": 256, "optim.warmup_steps": 1},
+                  **overrides)
+  bench = common.StepBench(helpers.load_config("default", "runlocal", **settings))
+  bench.run(bench.train_batches(3))  # the trainer's first 3 batches, through the benchmarks' update loop
+  train.train_and_evaluate(helpers.load_config("default", "runlocal", **settings), str(tmp_path))
+
+  final = helpers.final_state(tmp_path)
+  assert final["step"] == 3 and int(jax.device_get(bench.state.step)) == 3
+  ours, theirs = _flat(jax.device_get(bench.state.params)), _flat(final["tree"]["params"])
+  assert sorted(ours) == sorted(theirs) and ours
+  for name, value in ours.items():  # the same program on the same inputs: bit-identical
+    np.testing.assert_array_equal(value, theirs[name], err_msg=name)
+  initial = _flat(jax.device_get(bench.exp.init_state().params))
+  assert any(not np.array_equal(initial[name], value) for name, value in ours.items())  # the updates moved them
+
+
+def _run(script: str, *args: str, devices: int | None = 2) -> str:
+  """Runs benchmarks/<script> (a fresh process; `devices` fake CPU devices unless None); its stdout."""
+  env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_CPU_ENABLE_ASYNC_DISPATCH="false")
+  if devices is not None:
+    kept = [f for f in env.get("XLA_FLAGS", "").split() if not f.startswith("--xla_force_host_platform_device_count")]
+    env["XLA_FLAGS"] = " ".join(kept + [f"--xla_force_host_platform_device_count={devices}"])
+  proc = subprocess.run([sys.executable, os.path.join(REPO, "benchmarks", script), *args], cwd=REPO, env=env,
+                        capture_output=True, text=True, timeout=240, check=False)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  return proc.stdout
+
+
+def test_optim_overhead_smoke():
+  out = _run("optim_overhead.py", "--steps=2", "--repeats=1", "--batch_size=16", "--width=8",
+             "--variants=plain,multisteps")
+  assert re.search(r"^plain fp32 step\s+[\d.]+\s+1\.00x", out, re.M), out
+  assert re.search(r"^accum_steps=4, optax\.MultiSteps\s+[\d.]+\s+[\d.]+x", out, re.M), out
+
+
+def test_input_pipeline_smoke():
+  out = _run("input_pipeline.py", f"--config={os.path.join(REPO, 'configs', 'line_parity.py')}:runlocal",
+             "--steps=2", "--repeats=1")
+  assert re.search(r"train from memory\s+[\d.]+ steps/s\s+1\.00x", out), out
+  assert re.search(r"train, uncached\s+[\d.]+ steps/s\s+[\d.]+x", out), out
+  assert re.search(r"^target: the config's pipeline >= 0\.95x from memory: [\d.]+x", out, re.M), out
+
+
+def test_scaling_smoke():
+  out = _run("scaling.py", "--steps=2", "--repeats=1", "--per_device_batch=4", "--width=8", "--counts=1,2",
+             devices=None)  # the benchmark sets each worker's device count itself
+  rows = re.findall(r"^\s+(\d+)\s+(\d+)\s+[\d.]+\s+[\d.]+\s+\d+\s+([\d.]+)x$", out, re.M)
+  assert [(n, batch) for n, batch, _ in rows] == [("1", "4"), ("2", "8")], out
+  assert rows[0][2] == "1.00", out
