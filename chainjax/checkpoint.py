@@ -114,12 +114,16 @@ class CheckpointSaveError(RuntimeError):
 class Checkpointer:
   """Orbax CheckpointManager over <directory>: async saves, verified restore."""
 
-  def __init__(self, directory: str | os.PathLike, *, max_to_keep: int = 3):
+  def __init__(self, directory: str | os.PathLike, *, max_to_keep: int = 3, read_only: bool = False):
     """Opens (or creates) `directory` and moves aside incomplete step folders.
 
     The structural sweep at start keeps Orbax's `max_to_keep` and its
     "save only newer steps" rule working on complete checkpoints only.
+
+    `read_only`: for a reader next to (or after) a trainer, e.g. evaluation or export: nothing
+    is created, saved or moved; an incomplete or unreadable step is skipped instead.
     """
+    self._read_only = read_only
     directory = os.fspath(directory)
     if "://" not in directory:
       directory = os.path.abspath(directory)
@@ -136,10 +140,11 @@ class Checkpointer:
     self._manager = ocp.CheckpointManager(
         self._directory,
         options=ocp.CheckpointManagerOptions(
-            max_to_keep=max_to_keep, enable_async_checkpointing=True),
+            max_to_keep=max_to_keep, enable_async_checkpointing=True, read_only=read_only),
         handler_registry=registry,
     )
-    self._set_aside_incomplete()
+    if not read_only:
+      self._set_aside_incomplete()
 
   @property
   def directory(self) -> epath.Path:
@@ -229,7 +234,8 @@ class Checkpointer:
     """
     self.wait_until_finished()
     self._manager.reload()
-    self._set_aside_incomplete()
+    if not self._read_only:
+      self._set_aside_incomplete()
     target_shapes = _shapes_by_path(abstract_state)
     with _quiet_closed_loop_noise():
       return self._restore_newest(abstract_state, target_shapes, partial)
@@ -237,6 +243,9 @@ class Checkpointer:
   def _restore_newest(self, abstract_state, target_shapes, partial: bool = False):
     """The loop of `restore_latest` (see there)."""
     for step in sorted(self._manager.all_steps(), reverse=True):
+      if self._read_only and _incomplete_reason(self._step_dir(step)) is not None:
+        logging.info("Skipping incomplete checkpoint %s.", self._step_dir(step))
+        continue
       error = None
       try:
         saved_shapes = _shapes_by_path(
@@ -362,7 +371,11 @@ class Checkpointer:
     self._set_aside(bad)
 
   def _set_aside(self, bad: dict[int, str]) -> None:
-    """Process 0 moves each `{step: reason}` folder aside; all reload after."""
+    """Process 0 moves each `{step: reason}` folder aside; all reload after (read-only: logged only)."""
+    if self._read_only:
+      for step, reason in sorted(bad.items()):
+        logging.warning("Checkpoint folder %s is not usable (%s); skipping it.", self._step_dir(step), reason)
+      return
     if jax.process_index() == 0:
       for step, reason in sorted(bad.items()):
         source = self._step_dir(step)

@@ -35,6 +35,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
+from etils import epath
 from flax import nnx
 from jax.experimental import multihost_utils
 
@@ -218,16 +219,17 @@ def make_train_step(graphdef, loss_fn: chain_lib.ChainLoss, tx: optax.GradientTr
 
 def make_eval_step(graphdef, loss_fn: chain_lib.ChainLoss, phase: int | None = None,
                    policy: precision.Policy | None = None):
-  """One padded eval batch -> (sums, scores).
+  """`eval_step(params, rest, batch) -> (sums, scores)` on one padded eval batch.
 
-  `sums`: chain loss, per-stage loss and accuracy summed over real examples, and their
+  It needs only the parameters and the other variables (a state restored without its
+  optimizer state evaluates too). `sums`: chain loss, per-stage loss and accuracy summed over real examples, and their
   count. `scores`: per stage with one binary label, its logits, labels and mask, for the
   exact ROC AUC over the whole held-out set.
   """
   policy = policy or precision.get_policy("float32")
 
-  def eval_step(state: TrainState, batch) -> tuple[dict, dict]:
-    model = nnx.merge(graphdef, policy.cast_to_compute(state.params), state.rest)
+  def eval_step(params, rest, batch) -> tuple[dict, dict]:
+    model = nnx.merge(graphdef, policy.cast_to_compute(params), rest)
     output = _cast_predictions(model(policy.cast_to_compute(batch["inputs"]), mode=loss_fn.mode, train=False,
                                      phase=phase), policy)
     loss, metrics = loss_fn(output, batch["labels"], batch["mask"], phase=phase,
@@ -254,8 +256,9 @@ class Phase:
   `train_step(state, sums, batch[, denominator, micro_step]) -> (state, sums, metrics)`:
   the jitted update of `make_train_step` (`step_fn`), with the interval's metric sums added
   inside the same program (`zero_sums()` starts an interval; `metrics.mean_of_sums` reads one). The
-  state and the sums are donated. `eval_step(state, sums, batch) -> (sums, scores)`: the
-  jitted `make_eval_step` (`eval_fn`), eval sums added on device. Both compile on first use.
+  state and the sums are donated. `eval_step(params, rest, sums, batch) -> (sums, scores, count)`: the
+  jitted `make_eval_step` (`eval_fn`) on (params, rest), eval sums added on device, and the batch's
+  count (not donated: what the dispatch window waits on). Both compile on first use.
   """
 
   index: int
@@ -290,12 +293,13 @@ class Phase:
   def eval_step(self) -> Callable:
     exp, eval_fn = self.experiment, self.eval_fn
 
-    def eval_and_sums(state, sums, batch):
-      out, scores = eval_fn(state, batch)
-      return jax.tree.map(jnp.add, sums, out), scores
+    def eval_and_sums(params, rest, sums, batch):
+      out, scores = eval_fn(params, rest, batch)
+      return jax.tree.map(jnp.add, sums, out), scores, out["count"]
 
-    return jax.jit(eval_and_sums, in_shardings=(exp.state_shardings, exp.replicated, exp.batch_sharding),
-                   out_shardings=(exp.replicated, exp.batch_sharding), donate_argnums=1)
+    shardings = exp.state_shardings
+    return jax.jit(eval_and_sums, in_shardings=(shardings.params, shardings.rest, exp.replicated, exp.batch_sharding),
+                   out_shardings=(exp.replicated, exp.batch_sharding, exp.replicated), donate_argnums=2)
 
   @functools.cached_property
   def _sum_shapes(self) -> dict:
@@ -310,7 +314,7 @@ class Phase:
 
   def zero_eval_sums(self, state: TrainState, batch) -> dict:
     """Eval sums of no batch yet, shaped like `eval_fn`'s sums for `batch`."""
-    sums, _ = jax.eval_shape(self.eval_fn, state, batch)
+    sums, _ = jax.eval_shape(self.eval_fn, state.params, state.rest, batch)
     return {k: jnp.zeros(s.shape, s.dtype, device=self.experiment.replicated) for k, s in sums.items()}
 
 
@@ -373,14 +377,13 @@ class Experiment:
   def _build_chain(self) -> chain_lib.Chain:
     return chain_lib.build_chain(self.config, self.task, rngs=nnx.Rngs(self.config.seed))
 
-  @functools.cached_property
-  def _init_fn(self) -> Callable[[], TrainState]:
-    return jax.jit(lambda: init_train_state(self._build_chain(), self.phases[0].tx)[1],
-                   out_shardings=self.state_shardings)
-
   def init_state(self) -> TrainState:
-    """The initial train state (parameters from `config.seed`), created in place with its shardings."""
-    return self._init_fn()
+    """The initial train state (parameters from `config.seed`), placed with its shardings.
+
+    Built eagerly, then placed: compiling the initializers as one program would let XLA fold
+    some of them differently (embedding tables differ in the last bit).
+    """
+    return jax.device_put(init_train_state(self._build_chain(), self.phases[0].tx)[1], self.state_shardings)
 
   def enter_phase(self, state: TrainState, phase: Phase) -> TrainState:
     """`state` at the start of a later `phase`: a fresh optimizer state for it; the loss scale carries on."""
@@ -392,13 +395,19 @@ class Experiment:
               ) -> tuple[int, TrainState, dict] | None:
     """`(step, state, metadata)` of the newest good checkpoint of a workdir (or `Checkpointer`); None without one.
 
+    A workdir is opened read-only: a step that does not restore is skipped, never moved aside
+    (a trainer may be writing it).
+
     `params_only`: only the parameters and BatchNorm statistics are read (the optimizer state
     stays on disk; `state.opt_state` is None), e.g. for evaluation or export.
     """
     checkpointer = workdir_or_checkpointer
     own = not isinstance(checkpointer, checkpoint_lib.Checkpointer)
-    if own:
-      checkpointer = checkpoint_lib.Checkpointer(os.path.join(workdir_or_checkpointer, "checkpoints"))
+    if own:  # a workdir is only read: nothing is created, nothing moved aside
+      directory = os.path.join(workdir_or_checkpointer, "checkpoints")
+      if not epath.Path(directory).exists():
+        return None
+      checkpointer = checkpoint_lib.Checkpointer(directory, read_only=True)
     try:
       target = self.abstract_state().to_dict()
       if params_only:
@@ -462,7 +471,8 @@ class Experiment:
 
     `<prefix>/loss`, `<prefix>/accuracy` (the last stage's), `<prefix>/stage_<i>/{loss,accuracy}`,
     and the exact ROC AUC `<prefix>/stage_<i>/auc` of every stage with one binary label. The sums
-    stay on device until the end; the AUC's logits are gathered once, after the last batch.
+    stay on device until the end; each stage's AUC inputs are joined on device and gathered once,
+    after the last batch.
     """
     phase = phase or self.phases[-1]
     window = self.window
@@ -471,23 +481,24 @@ class Experiment:
       batch = self.put_batch(batch, self.config.eval_batch_size)
       if sums is None:
         sums = phase.zero_eval_sums(state, batch)
-      sums, batch_scores = phase.eval_step(state, sums, batch)
-      window.add(batch_scores)
+      sums, batch_scores, count = phase.eval_step(state.params, state.rest, sums, batch)
+      window.add(count)  # the sums are donated to the next batch's program: the window waits on the count
       heartbeat()
       for name, arrays in batch_scores.items():
         scores.setdefault(name, []).append(arrays)
+    if sums is None:
+      raise ValueError(f"the {prefix} set of {self.task.name} has no batches")
     sums = jax.device_get(sums)
     count = float(sums.pop("count"))
     metrics = {k: float(v) / count for k, v in sums.items()}
-    gathered = _host_arrays(scores)
-    for name, parts in gathered.items():
-      logits, labels, mask = (np.concatenate([p[j] for p in parts]) for j in range(3))
+    for name, parts in scores.items():
+      logits, labels, mask = _host_arrays(tuple(jnp.concatenate([p[j] for p in parts]) for j in range(3)))
       metrics[f"{name}/auc"] = metrics_lib.roc_auc(logits, labels, mask)
     return with_headline(metrics, prefix, self.num_stages)
 
 
 def _host_arrays(tree: Any) -> Any:
-  """A pytree of global arrays' values on every process: one gather for the whole tree on multi-host."""
+  """A pytree of global arrays' values on every process (gathered from the other processes on multi-host)."""
   if jax.process_count() > 1:
     return jax.tree.map(np.asarray, multihost_utils.process_allgather(tree, tiled=True))
   return jax.tree.map(np.asarray, jax.device_get(tree))

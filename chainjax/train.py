@@ -24,6 +24,7 @@ import ml_collections
 from absl import logging
 from etils import epath
 
+from chainjax import chain as chain_lib
 from chainjax import checkpoint as checkpoint_lib
 from chainjax import config as config_lib
 from chainjax import data as data_lib
@@ -165,8 +166,6 @@ def _check_resume(config: ml_collections.ConfigDict, saved: tuple[int, dict] | N
     logging.info("total_steps changed from %s to %s: training on from step %d, with schedules over %s updates.",
                  *changes["total_steps"], step, config.total_steps)
   others = {k: v for k, v in changes.items() if k not in RESUMABLE_CHANGES}
-  from chainjax import chain as chain_lib  # pylint: disable=g-import-not-at-top
-
   if chain_lib.get_mode(config.chain.mode).stagewise and "total_steps" in changes:  # phase boundaries would move
     others["total_steps"] = changes["total_steps"]
   if others and not allow_change:
@@ -310,6 +309,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       while loop.step < config.total_steps and not (stop or preempted):
         new_phase = exp.phase_at(loop.step)
         if new_phase.index > 0 and loop.step == new_phase.start:  # a fresh optimizer; the loss scale carries on
+          clock.stop(state.step)  # entering a phase compiles: not training time
           state = exp.enter_phase(state, new_phase)
           loop.phase_skipped_base = int(jax.device_get(precision.skipped_steps(state.opt_state)))
           loop.reference_loss = None  # each phase trains another loss: divergence is measured within it

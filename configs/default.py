@@ -81,7 +81,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
 
 
 def sweep(add, arg=None):
-  del arg
   for mode in ("end_to_end", "deep_supervision", "decoupled", "progressive"):
     add(**{"chain.mode": mode})
-  add(**{"chain.mode": "progressive_finetune", "chain.finetune_steps": 750})  # as get_config("mode=...") sets it
+  finetune_steps = get_config(arg or "").total_steps // 4  # as get_config("mode=progressive_finetune") sets it
+  add(**{"chain.mode": "progressive_finetune", "chain.finetune_steps": finetune_steps})

@@ -27,12 +27,13 @@ def test_default_config_is_valid_in_every_mode(mode):
   experiment.validate(default.get_config(f"mode={mode},runlocal"), num_devices=8)
 
 
-def test_every_point_of_the_default_sweep_is_valid():
+@pytest.mark.parametrize("arg", ["", "runlocal"])
+def test_every_point_of_the_default_sweep_is_valid(arg):
   points = []
-  default.sweep(lambda **overrides: points.append(overrides))
+  default.sweep(lambda **overrides: points.append(overrides), arg)
   assert {p["chain.mode"] for p in points} == set(chain_lib.MODES)
   for point in points:
-    experiment.validate(override(default.get_config(), **point), num_devices=8)
+    experiment.validate(override(default.get_config(arg), **point), num_devices=8)
 
 
 def test_every_default_field_is_typed():

@@ -9,6 +9,7 @@ import pytest
 from flax import nnx
 
 from chainjax import experiment
+from chainjax.data import base
 from helpers import final_state, load_config
 
 FIXTURE = os.path.join(os.path.dirname(__file__), "fixtures", "checkpoint_v1")
@@ -48,13 +49,28 @@ def test_restore_params_only_leaves_the_optimizer_state_on_disk(exp, tmp_path):
   shutil.copytree(FIXTURE, tmp_path / "run")
   step, state, _ = exp.restore(str(tmp_path / "run"), params_only=True)
   assert step == 20 and state.opt_state is None
-  model = nnx.merge(exp.graphdef, state.params, state.rest)  # a usable model, e.g. for evaluation or export
-  assert model(np.zeros((2, 16), np.float32)).predictions[-1].shape == (2,)
   want = _by_path(final_state(FIXTURE, 20)["tree"]["params"])
   got = _by_path(state.params)
   assert sorted(got) == sorted(want)
   for name in want:
     np.testing.assert_array_equal(got[name], want[name], err_msg=name)
+  model = nnx.merge(exp.graphdef, state.params, state.rest)  # a usable model, e.g. for evaluation or export
+  assert model(np.zeros((2, 16), np.float32)).predictions[-1].shape == (2,)
+  with jax.set_mesh(exp.mesh):  # and the experiment evaluates it as it is, without an optimizer state
+    metrics = exp.evaluate(state, exp.task.eval_iterator(exp.config.eval_batch_size, base.Shard()))
+  assert 0.0 <= metrics["eval/accuracy"] <= 1.0 and np.isfinite(metrics["eval/loss"])
+
+
+def test_restore_from_a_workdir_only_reads_it(exp, tmp_path):
+  """An incomplete newer step (a trainer still writing it) is skipped, not moved aside; no folder is created."""
+  run = tmp_path / "run"
+  shutil.copytree(FIXTURE, run)
+  (run / "checkpoints" / "40").mkdir()  # no commit marker: incomplete
+  before = sorted(str(p.relative_to(run)) for p in run.rglob("*"))
+  step, _, _ = exp.restore(str(run))
+  assert step == 20
+  assert sorted(str(p.relative_to(run)) for p in run.rglob("*")) == before
+  assert exp.restore(str(tmp_path / "missing")) is None and not (tmp_path / "missing").exists()
 
 
 def test_restore_of_a_workdir_without_checkpoints_is_none(exp, tmp_path):

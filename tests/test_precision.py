@@ -429,7 +429,7 @@ def test_output_dtype_is_what_the_losses_read():
     config = load_config("default", "runlocal", **{"precision.policy": f"params=float32,compute=float32,output={output}"})
     exp = experiment.Experiment(config)
     state = jax.device_get(exp.init_state())
-    sums, _ = jax.jit(exp.phases[0].eval_fn)(state, batch)
+    sums, _ = jax.jit(exp.phases[0].eval_fn)(state.params, state.rest, batch)
     losses[output] = float(sums["loss"])
   model = nnx.merge(exp.graphdef, state.params, state.rest)
   out = model(batch["inputs"])

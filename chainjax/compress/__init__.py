@@ -1,0 +1,1 @@
+"""Model compression for chains: quantization-aware training (`quant.py`) and magnitude pruning (`prune.py`)."""
