@@ -130,6 +130,20 @@ def base_config() -> ml_collections.ConfigDict:
   c.early_stopping.patience = 3  # evals without improvement before stopping
   c.early_stopping.min_delta = 0.0
 
+  # Magnitude pruning of every stage's kernels (chainjax.compress.prune): gradual, from initial_sparsity at
+  # begin_step to the target at end_step, masks recomputed every `frequency` updates; biases are never pruned.
+  c.compress = ml_collections.ConfigDict()
+  c.compress.prune = ml_collections.ConfigDict()
+  c.compress.prune.sparsity = 0.0  # final fraction of zeros in each pruned kernel; 0 = no pruning
+  c.compress.prune.stage_sparsity = ()  # one target per stage (0 = that stage is not pruned); empty = `sparsity`
+  c.compress.prune.initial_sparsity = 0.0
+  c.compress.prune.begin_step = 0  # updates, 0-based; begin_step == end_step is one-shot pruning
+  c.compress.prune.end_step = -1  # -1 = the run's last update
+  c.compress.prune.frequency = 100  # updates between mask updates
+  c.compress.prune.power = 3.0  # the polynomial schedule's exponent (Zhu & Gupta 2017)
+  c.compress.prune.scope = "layerwise"  # layerwise: each kernel reaches the target | global: a stage's kernels together
+  c.compress.prune.n_m = ""  # e.g. "2:4": keep N of every M weights along the input axis (N:M structured)
+
   c.mesh = ml_collections.ConfigDict()
   c.mesh.model = 1  # devices per model replica (the `model` mesh axis); data axis = devices / model
 
@@ -174,16 +188,17 @@ _CHOICES = {
 _POSITIVE = ("batch_size", "eval_batch_size", "total_steps", "eval_every", "checkpoint_every",
              "log_every", "max_to_keep", "optim.accum_steps", "mesh.model", "data.eval_size", "data.d", "data.levels", "data.num_images",
              "data.vocab_size", "data.max_len", "data.train_size",
-             "optim.learning_rate", "optim.eps", "optim.plateau_patience")
+             "optim.learning_rate", "optim.eps", "optim.plateau_patience", "compress.prune.frequency")
 _NON_NEGATIVE = ("seed", "divergence_factor", "data.seed", "data.num_threads", "data.prefetch", "chain.consistency_weight", "optim.warmup_steps",
                  "optim.end_lr_factor", "optim.momentum", "optim.weight_decay", "optim.grad_clip_norm",
                  "optim.steps_per_epoch", "chain.finetune_steps", "optim.plateau_min_scale", "optim.plateau_min_delta",
-                 "early_stopping.patience", "early_stopping.min_delta")
+                 "early_stopping.patience", "early_stopping.min_delta", "compress.prune.begin_step")
 
 
 _SEEDS = ("seed", "data.seed")
 MAX_SEED = 2**32 - 1
-_NUMBER_TUPLES = ("chain.loss_weights", "chain.phase_steps", "optim.boundaries", "optim.scales")
+_NUMBER_TUPLES = ("chain.loss_weights", "chain.phase_steps", "optim.boundaries", "optim.scales",
+                  "compress.prune.stage_sparsity")
 
 
 def num_updates(config: ml_collections.ConfigDict, train_size: int = 0) -> int:

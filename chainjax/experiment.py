@@ -47,6 +47,7 @@ from chainjax import metrics as metrics_lib
 from chainjax import optim as optim_lib
 from chainjax import parallel
 from chainjax import precision
+from chainjax.compress import prune as prune_lib
 from chainjax.data import line_parity
 from chainjax.errors import ConfigError
 
@@ -98,7 +99,8 @@ def build_tx(config: ml_collections.ConfigDict, num_updates: int, steps_per_epoc
   `accum_impl="optax"`, `optax.MultiSteps` sits around both, so the accumulated (scaled)
   gradient is unscaled and checked once per update.
   """
-  tx = optim_lib.build_optimizer(config.optim, num_updates, chain_lib.stage_names(config), steps_per_epoch)
+  tx = optim_lib.build_optimizer(config.optim, num_updates, chain_lib.stage_names(config), steps_per_epoch,
+                                 prune=config.compress.prune)
   tx = precision.build_loss_scale(config.precision.loss_scale, tx)
   if config.optim.accum_impl == "optax" and config.optim.accum_steps > 1:
     tx = optax.MultiSteps(tx, every_k_schedule=config.optim.accum_steps).gradient_transformation()
@@ -562,8 +564,21 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None, 
   model = _abstract_chain(config, task)
   _check_model_sharding(config, model)
   optim_lib.validate(config, updates, bool(train_size), task.name)
+  prune_lib.validate(config, updates, chain_lib.get_mode(config.chain.mode).stagewise)
+  _check_prunable(config, model, updates)
   _check_state_memory(config, task, num_devices, model, memory)
   return task
+
+
+def _check_prunable(config: ml_collections.ConfigDict, model: chain_lib.Chain, updates: int) -> None:
+  """N:M pruning needs every pruned kernel's input axis to split into groups of M (shapes only)."""
+  if not config.compress.prune.n_m or not any(prune_lib.stage_targets(config.compress.prune,
+                                                                       chain_lib.stage_names(config)).values()):
+    return
+  try:
+    jax.eval_shape(build_tx(config, updates).init, nnx.state(model, nnx.Param))
+  except ValueError as e:
+    raise ConfigError("compress.prune.n_m", str(e).splitlines()[0]) from None
 
 
 def resolve_epochs(config: ml_collections.ConfigDict, task) -> tuple[ml_collections.ConfigDict, int]:

@@ -41,6 +41,7 @@ import optax
 
 from chainjax import chain as chain_lib
 from chainjax import config as config_lib
+from chainjax.compress import prune as prune_lib
 from chainjax.errors import ConfigError
 
 INHERIT = ""  # per_stage string fields (optimizer, schedule): "" = the default's value
@@ -309,11 +310,14 @@ def _stage_transform(stage: StageOptim, optim: ml_collections.ConfigDict, total_
 
 
 def build_optimizer(optim: ml_collections.ConfigDict, total_steps: int, stage_names: tuple[str, ...],
-                    steps_per_epoch: int = 0) -> optax.GradientTransformation:
+                    steps_per_epoch: int = 0, prune: ml_collections.ConfigDict | None = None
+                    ) -> optax.GradientTransformation:
   """The optimizer of `config.optim` for a run of `total_steps` updates of a chain with `stage_names`.
 
   `steps_per_epoch` is the data's epoch length in updates (0 = unknown); a non-zero
-  `optim.steps_per_epoch` overrides it.
+  `optim.steps_per_epoch` overrides it. `prune` (`config.compress.prune`) wraps each stage
+  with a non-zero target in magnitude pruning (`compress.prune.from_config`); frozen stages
+  are never pruned.
 
   Example:
     >>> from chainjax import config as config_lib
@@ -328,7 +332,12 @@ def build_optimizer(optim: ml_collections.ConfigDict, total_steps: int, stage_na
   spe = _steps_per_epoch(optim, steps_per_epoch)
   stage_names = tuple(stage_names)
   stages = resolve_stages(optim, stage_names)
-  tx = optax.partition({name: _stage_transform(s, optim, total_steps, spe) for name, s in stages.items()},
+  transforms = {name: _stage_transform(s, optim, total_steps, spe) for name, s in stages.items()}
+  if prune is not None:  # each stage's own pruning, around its optimizer (and after its plateau scale)
+    for name, target in prune_lib.stage_targets(prune, stage_names).items():
+      if target > 0 and not stages[name].frozen:
+        transforms[name] = prune_lib.from_config(transforms[name], target, prune, total_steps)
+  tx = optax.partition(transforms,
                        stage_labels(stage_names))
   if optim.grad_clip_norm > 0:
     tx = optax.chain(optax.clip_by_global_norm(optim.grad_clip_norm), tx)

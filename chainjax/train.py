@@ -33,6 +33,7 @@ from chainjax import metrics as metrics_lib
 from chainjax import optim as optim_lib
 from chainjax import precision
 from chainjax import preemption as preemption_lib
+from chainjax.compress import prune as prune_lib
 from chainjax.errors import DivergedError, NonFiniteLossError, WorkdirError
 from chainjax.experiment import TrainState
 
@@ -297,6 +298,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         "config": config_json, "config_hash": config_hash, "config_changes": loop.config_history,
         "phase_skipped_base": loop.phase_skipped_base}, data_state=train_iter.get_state())
 
+  pruned = any(prune_lib.stage_targets(config.compress.prune, exp.stage_names).values())
+  sparsity_of = jax.jit(prune_lib.stage_sparsity, out_shardings=exp.replicated)  # train/sparsity/<stage>
   progress = metrics_lib.ProgressBar(config.total_steps, loop.step, enabled=is_main)
   clock = TrainClock()
   compiled: set[int] = set()
@@ -350,6 +353,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
           skipped = int(jax.device_get(precision.skipped_steps(state.opt_state))) - loop.phase_skipped_base
           last_update = max(step - 1 - phase.start - skipped, 0)
           record.update(optim_lib.stage_learning_rates(phase.schedules, last_update, state.opt_state))
+          if pruned:
+            record.update({k: float(v) for k, v in jax.device_get(sparsity_of(state.params)).items()})
           if clock.steps and clock.seconds > 0:
             record["train/steps_per_sec"] = clock.steps / clock.seconds
             record["train/examples_per_sec"] = clock.steps * config.batch_size / clock.seconds

@@ -514,6 +514,19 @@ def test_per_stage_norms():
 # --------------------------------------------------------------------------------------------
 
 
+def _default_with_optim(**overrides):
+  """The default config, constant schedule, with `config.optim` overrides (`per_stage`: {stage: stage_optim kwargs})."""
+  config = default.get_config()
+  config.optim.schedule = "constant"
+  for key, value in overrides.items():
+    if key == "per_stage":
+      for stage, kwargs in value.items():
+        config.optim.per_stage[stage] = config_lib.stage_optim(**kwargs)
+    else:
+      config.optim[key] = value
+  return config
+
+
 @pytest.mark.parametrize("overrides,expected", [
     ({"optimizer": "rmsprop"}, "config.optim.optimizer: 'rmsprop' is not one of: adam, adamw, sgd, lamb, adafactor, lion"),
     ({"schedule": "step"}, "config.optim.schedule: 'step' is not one of: constant, warmup_cosine"),
@@ -535,14 +548,7 @@ def test_per_stage_norms():
     ({"per_stage": {"level2": {"weight_decay": 0.1}}}, "config.optim.per_stage.level2.weight_decay: adam has no"),
 ])
 def test_bad_optim_values_name_the_field(overrides, expected):
-  config = default.get_config()
-  config.optim.schedule = "constant"
-  for key, value in overrides.items():
-    if key == "per_stage":
-      for stage, kwargs in value.items():
-        config.optim.per_stage[stage] = config_lib.stage_optim(**kwargs)
-    else:
-      config.optim[key] = value
+  config = _default_with_optim(**overrides)
   with pytest.raises(config_lib.ConfigError) as info:
     experiment.validate(config, num_devices=1)
   assert str(info.value).startswith(expected), str(info.value)
@@ -550,14 +556,7 @@ def test_bad_optim_values_name_the_field(overrides, expected):
 
 def _validate_optim(updates=3000, epochs=True, **overrides):
   """`optim.validate` on the default config with `config.optim` overrides (per_stage as in `optim_config`)."""
-  config = default.get_config()
-  config.optim.schedule = "constant"
-  for key, value in overrides.items():
-    if key == "per_stage":
-      for stage, kwargs in value.items():
-        config.optim.per_stage[stage] = config_lib.stage_optim(**kwargs)
-    else:
-      config.optim[key] = value
+  config = _default_with_optim(**overrides)
   optim.validate(config, num_updates=updates, steps_per_epoch_known=epochs, task_name="toy")
 
 

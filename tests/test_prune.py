@@ -383,3 +383,57 @@ def test_docstring_examples_run():
   result = doctest.testmod(prune, extraglobs={"jax": jax, "jnp": jnp, "optax": optax},
                            optionflags=doctest.ELLIPSIS)
   assert result.attempted >= 10 and result.failed == 0
+
+
+# --------------------------------------------------------------------------------------------
+# Through the trainer (`config.compress.prune`).
+# --------------------------------------------------------------------------------------------
+
+
+def _schedule_value(t, initial, final, begin, end, power=3.0):
+  """s(t) of the polynomial schedule, in numpy."""
+  frac = min(max((t - begin) / (end - begin), 0.0), 1.0)
+  return final + (initial - final) * (1.0 - frac) ** power
+
+
+def test_training_with_pruning_reaches_the_schedule_and_logs_sparsity(tmp_path):
+  """Gradual pruning to 50% over updates 0..20, masks every 10: each eval logs the sparsity of the last pruning
+  step's target (per kernel, rounded), and the final kernels hold exactly that many zeros, biases none."""
+  import helpers
+  from chainjax import metrics as metrics_lib
+  from chainjax import train
+
+  config = helpers.load_config("default", "runlocal", total_steps=40, eval_every=10, checkpoint_every=40, **{
+      "compress.prune.sparsity": 0.5, "compress.prune.begin_step": 0, "compress.prune.end_step": 20,
+      "compress.prune.frequency": 10})
+  train.train_and_evaluate(config, str(tmp_path))
+  records = {r["step"]: r for r in metrics_lib.read_metrics(str(tmp_path))}
+  params = helpers.final_state(tmp_path)["tree"]["params"]["stages"]
+  kernels = {stage: [np.asarray(x) for x in jax.tree.leaves(params[stage]) if np.ndim(x) >= 2] for stage in params}
+  for step, last_pruned in ((10, 0), (20, 10), (30, 20), (40, 20)):  # pruning steps t = 0, 10, 20 (0-based)
+    target = _schedule_value(last_pruned, 0.0, 0.5, 0, 20)
+    for stage, leaves in kernels.items():
+      sizes = [leaf.size for leaf in leaves]
+      expected = sum(round(target * n) for n in sizes) / sum(sizes)
+      assert records[step][f"train/sparsity/{stage}"] == pytest.approx(expected, abs=1e-6), (step, stage)
+  for stage, leaves in kernels.items():
+    assert sum(int((leaf == 0).sum()) for leaf in leaves) == sum(round(0.5 * leaf.size) for leaf in leaves)
+    assert all(np.all(np.asarray(x) != 0) for x in jax.tree.leaves(params[stage]) if np.ndim(x) == 1)
+
+
+@pytest.mark.parametrize("overrides,field", [
+    ({"compress.prune.sparsity": 0.5, "compress.prune.end_step": 3000}, "compress.prune.end_step"),
+    ({"compress.prune.sparsity": 0.5, "compress.prune.begin_step": 3000}, "compress.prune.begin_step"),
+    ({"compress.prune.sparsity": 0.5, "compress.prune.initial_sparsity": 0.6}, "compress.prune.initial_sparsity"),
+    ({"compress.prune.sparsity": 0.5, "chain.mode": "progressive"}, "compress.prune.sparsity"),
+    ({"compress.prune.n_m": "2:3", "compress.prune.sparsity": 0.5}, "compress.prune.n_m"),  # 256 inputs: not /3
+])
+def test_pruning_config_is_checked_against_the_run(overrides, field):
+  import helpers
+  from chainjax import config as config_lib
+  from chainjax import experiment
+
+  config = helpers.load_config("default", "", **overrides)
+  with pytest.raises(config_lib.ConfigError) as info:
+    experiment.validate(config, num_devices=1)
+  assert info.value.field == field, str(info.value)

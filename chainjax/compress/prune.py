@@ -55,7 +55,7 @@ Typical use (per-stage targets through the house's `optax.partition`):
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
 import jax
@@ -64,6 +64,7 @@ import numpy as np
 import optax
 
 from chainjax import chain as chain_lib
+from chainjax.errors import ConfigError
 
 __all__ = ["PruneState", "default_prunable", "magnitude_prune", "polynomial_sparsity", "stage_sparsity"]
 
@@ -335,3 +336,86 @@ def stage_sparsity(params: Any, prefix: str = "train/sparsity",
     zeros[stage] = zeros[stage] + z if stage in zeros else z
     sizes[stage] = sizes.get(stage, 0) + int(np.prod(jnp.shape(leaf)))
   return {f"{prefix}/{stage}": zeros[stage].astype(jnp.float32) / sizes[stage] for stage in zeros}
+
+
+# --------------------------------------------------------------------------------------------
+# From the config (`config.compress.prune`).
+# --------------------------------------------------------------------------------------------
+
+
+def stage_targets(prune_config, stage_names: Sequence[str]) -> dict[str, float]:
+  """Final sparsity per stage: `stage_sparsity[i]`, or `sparsity` for every stage when it is empty."""
+  per_stage = tuple(prune_config.stage_sparsity) or (prune_config.sparsity,) * len(stage_names)
+  return {name: float(s) for name, s in zip(stage_names, per_stage)}
+
+
+def parse_n_m(text: str) -> tuple[int, int] | None:
+  """`"2:4"` -> (2, 4); `""` -> None. Raises ValueError unless 0 < N < M."""
+  if not text:
+    return None
+  n, sep, m = text.partition(":")
+  try:
+    n_m = (int(n), int(m))
+  except ValueError:
+    n_m = None
+  if not sep or n_m is None or not 0 < n_m[0] < n_m[1]:
+    raise ValueError(f"{text!r} is not N:M with 0 < N < M, e.g. '2:4'")
+  return n_m
+
+
+def from_config(inner: optax.GradientTransformation, target: float, prune_config,
+                num_updates: int) -> optax.GradientTransformation:
+  """`inner` pruned to `target` as `config.compress.prune` says, over a run of `num_updates` updates.
+
+  Gradual (`polynomial_sparsity` from `initial_sparsity` at `begin_step` to `target` at `end_step`,
+  -1 = the run's last update), every `frequency` updates; `begin_step == end_step` is one-shot.
+  With `n_m`, N:M structured sparsity instead (the masks are recomputed on the same steps).
+  """
+  begin = prune_config.begin_step
+  end = num_updates - 1 if prune_config.end_step < 0 else prune_config.end_step
+  n_m = parse_n_m(prune_config.n_m)
+  if n_m is not None:
+    return magnitude_prune(inner, frequency=prune_config.frequency, begin=begin, end=end, n_m=n_m)
+  schedule = polynomial_sparsity(prune_config.initial_sparsity, target, begin, end, prune_config.power)
+  return magnitude_prune(inner, schedule, frequency=prune_config.frequency, begin=begin, end=end,
+                         scope=prune_config.scope)
+
+
+def validate(config, num_updates: int, stagewise: bool) -> None:
+  """`config.compress.prune` against the chain and the run's `num_updates`; raises `ConfigError`."""
+  prune = config.compress.prune
+  names = [stage.name for stage in config.chain.stages]
+  field = lambda name: f"compress.prune.{name}"
+  for name in ("sparsity", "initial_sparsity"):
+    if not 0.0 <= prune[name] < 1.0:
+      raise ConfigError(field(name), f"must be in [0, 1), got {prune[name]!r}")
+  per_stage = tuple(prune.stage_sparsity)
+  if per_stage and len(per_stage) != len(names):
+    raise ConfigError(field("stage_sparsity"), f"has {len(per_stage)} entries for {len(names)} stages "
+                      f"({', '.join(names)}); leave it empty to use compress.prune.sparsity everywhere")
+  if any(isinstance(s, bool) or not isinstance(s, (int, float)) or not 0.0 <= s < 1.0 for s in per_stage):
+    raise ConfigError(field("stage_sparsity"), f"must be fractions in [0, 1), got {per_stage}")
+  if prune.scope not in SCOPES:
+    raise ConfigError(field("scope"), f"{prune.scope!r} is not one of: {', '.join(SCOPES)}")
+  if not prune.power > 0:
+    raise ConfigError(field("power"), f"must be > 0, got {prune.power!r}")
+  if prune.end_step < -1:
+    raise ConfigError(field("end_step"), f"must be >= 0, or -1 for the run's last update, got {prune.end_step!r}")
+  try:
+    parse_n_m(prune.n_m)
+  except ValueError as e:
+    raise ConfigError(field("n_m"), str(e)) from None
+  targets = [t for t in stage_targets(prune, names).values() if t]
+  if not targets:
+    return  # pruning is off
+  if prune.initial_sparsity > min(targets):
+    raise ConfigError(field("initial_sparsity"), f"{prune.initial_sparsity!r} is above the smallest stage target "
+                      f"{min(targets)!r}")
+  end = num_updates - 1 if prune.end_step < 0 else prune.end_step
+  if prune.begin_step >= num_updates or not prune.begin_step <= end < num_updates:
+    raise ConfigError(field("end_step" if prune.begin_step < num_updates else "begin_step"),
+                      f"pruning must run within the {num_updates} updates: begin_step={prune.begin_step}, "
+                      f"end_step={prune.end_step} (-1 = the last update), with begin_step <= end_step")
+  if stagewise:
+    raise ConfigError(field("sparsity"), f"{config.chain.mode} mode starts a fresh optimizer per phase, which "
+                      "would drop the masks: pruning supports the single-phase modes for now")
