@@ -35,6 +35,7 @@ from flax import nnx
 
 from chainjax import metrics as metrics_lib
 from chainjax import stages as stages_lib
+from chainjax.compress import quant
 from chainjax.errors import ConfigError
 from chainjax.data.base import LabelSpec
 
@@ -225,8 +226,9 @@ class Chain(nnx.Module):
         h = jax.lax.stop_gradient(h)
       stage_train = train and rule.trains(i)  # a stage that does not train keeps its BatchNorm statistics
       stage_key = None if key is None else jax.random.fold_in(key, i)
-      h = link.body(h, train=stage_train, key=stage_key)
-      y = None if link.head is None else link.head(h, train=stage_train, key=stage_key)
+      with quant.training(stage_train):  # and its quantization observers
+        h = link.body(h, train=stage_train, key=stage_key)
+        y = None if link.head is None else link.head(h, train=stage_train, key=stage_key)
       hiddens.append(h)
       predictions.append(y)
       if link.pass_to_next == "prediction":
@@ -332,8 +334,21 @@ def _check_budgets(config: ml_collections.ConfigDict, mode: ChainMode, num_updat
 
 
 def build_chain(config: ml_collections.ConfigDict, task, *, rngs: nnx.Rngs) -> Chain:
-  """The chain of `config.chain.stages` for `task` (its input and per-stage labels)."""
-  return Chain(config.chain.stages, task.input_shape, task.input_dtype, task.label_specs, rngs=rngs)
+  """The chain of `config.chain.stages` for `task` (its input and per-stage labels), with the layers that
+  `config.compress.qat.rules` name quantized for training (`compress.quant.quantize`)."""
+  chain = Chain(config.chain.stages, task.input_shape, task.input_dtype, task.label_specs, rngs=rngs)
+  rules = []
+  for i, text in enumerate(config.compress.qat.rules):
+    try:
+      rules.append(quant.Rule.parse(text))
+    except (ValueError, TypeError) as e:
+      raise ConfigError("compress.qat.rules", f"rule {i}, {text!r}: {e}") from None
+  if rules:
+    try:
+      quant.quantize(chain, rules)
+    except ValueError as e:
+      raise ConfigError("compress.qat.rules", str(e).splitlines()[0]) from None
+  return chain
 
 
 # --------------------------------------------------------------------------------------------

@@ -133,6 +133,10 @@ def base_config() -> ml_collections.ConfigDict:
   # Magnitude pruning of every stage's kernels (chainjax.compress.prune): gradual, from initial_sparsity at
   # begin_step to the target at end_step, masks recomputed every `frequency` updates; biases are never pruned.
   c.compress = ml_collections.ConfigDict()
+  # Quantization-aware training (chainjax.compress.quant): rule strings "<regex on module paths> w=<bits> a=<bits>
+  # [per_channel=true] [act_symmetric=false] [act_range=ema|lsq]", first match wins, e.g. "stages/level1/.* w=8 a=8".
+  c.compress.qat = ml_collections.ConfigDict()
+  c.compress.qat.rules = ()  # empty = float training
   c.compress.prune = ml_collections.ConfigDict()
   c.compress.prune.sparsity = 0.0  # final fraction of zeros in each pruned kernel; 0 = no pruning
   c.compress.prune.stage_sparsity = ()  # one target per stage (0 = that stage is not pruned); empty = `sparsity`

@@ -144,6 +144,8 @@ BAD_VALUES = [
     ("chain.phase_steps", (100, 100, 100), "config.chain.phase_steps: needs one budget per stage (3) summing"),
     ("chain.phase_steps", (1000, 0, 2000), "config.chain.phase_steps: must be positive ints"),
     ("chain.finetune_steps", -1, "config.chain.finetune_steps: must be >= 0, got -1"),
+    ("compress.qat.rules", ("stages/nothing/.* w=8 a=8",), "config.compress.qat.rules: "),
+    ("compress.qat.rules", ("stages/level1/.* w=9",), "config.compress.qat.rules: rule 0, 'stages/level1/.* w=9': "),
     ("compress.prune.sparsity", 1.0, "config.compress.prune.sparsity: must be in [0, 1), got 1.0"),
     ("compress.prune.stage_sparsity", (0.5, 0.5), "config.compress.prune.stage_sparsity: has 2 entries for 3 stages"),
     ("compress.prune.stage_sparsity", (0.5, -0.1, 0.5), "config.compress.prune.stage_sparsity: must be fractions"),
