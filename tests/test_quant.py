@@ -136,14 +136,15 @@ def test_ema_observer_updates_only_in_training_and_is_not_a_param():
 def test_chain_observers_follow_the_training_context_and_live_in_rest():
   model = quant.quantize(mlp_chain(), [quant.Rule(r"stages/s1/.*", weight_bits=8, act_bits=8)])
   x = jnp.asarray(np.random.default_rng(0).normal(size=(8, 16)), jnp.float32)
-  model(x, train=True)  # no context: observers stay
   counts = lambda: [int(q.input_quant.count[...]) for q in quant.quantized_layers(model).values()]
+  model(x)  # eval: observers stay
   assert counts() == [0, 0]
-  with quant.training(True):
-    model(x, train=True)
+  model(x, train=True)  # the chain sets each stage's training context from `train`
   assert counts() == [1, 1]
-  with quant.training(False):
+  with quant.training(True):  # the chain's own flag wins over an outer context
     model(x)
+  assert counts() == [1, 1]
+  model(x, train=True, mode="progressive", phase=0)  # s1 does not train in phase 0: its observers stay
   assert counts() == [1, 1]
   _, params, rest = nnx.split(model, nnx.Param, ...)
   rest_paths = {path for path, _ in nnx.to_flat_state(rest)}
