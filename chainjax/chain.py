@@ -160,12 +160,14 @@ def get_mode(mode: "str | ChainMode") -> ChainMode:
 
 
 class Link(nnx.Module):
-  """One stage of the chain: its body `M_i` and optional head."""
+  """One stage of the chain: its body `M_i`, optional head, and optional quantizer of its output
+  (`out_quant`, a `quant.BoundaryQuantizer`; see `build_chain`)."""
 
   def __init__(self, body: nnx.Module, head: nnx.Module | None, pass_to_next: str):
     self.body = body
     self.head = head
     self.pass_to_next = pass_to_next
+    self.out_quant = nnx.data(None)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -216,7 +218,11 @@ class Chain(nnx.Module):
       key: jax.Array | None = None,
       phase: int | None = None,
   ) -> ChainOutput:
-    """Runs every stage; `phase` (0 when None) is the phase of `mode` that trains."""
+    """Runs every stage; `phase` (0 when None) is the phase of `mode` that trains.
+
+    A stage with an output quantizer (`Link.out_quant`) quantizes its output h_i after the body:
+    its head, the next stage and `ChainOutput.hiddens` see the quantized h_i.
+    """
     rule = get_mode(mode).phase(len(self.names), phase or 0)
     hiddens, predictions = [], []
     h = x
@@ -228,6 +234,8 @@ class Chain(nnx.Module):
       stage_key = None if key is None else jax.random.fold_in(key, i)
       with quant.training(stage_train):  # and its quantization observers
         h = link.body(h, train=stage_train, key=stage_key)
+        if link.out_quant is not None:
+          h = link.out_quant(h)
         y = None if link.head is None else link.head(h, train=stage_train, key=stage_key)
       hiddens.append(h)
       predictions.append(y)
@@ -293,6 +301,7 @@ def check_config(config: ml_collections.ConfigDict, specs: Sequence[LabelSpec], 
   if any(not isinstance(w, (int, float)) or not math.isfinite(w) or w < 0 for w in weights):
     raise ConfigError("chain.loss_weights", f"must be finite numbers >= 0, got {weights}")
   _check_budgets(config, mode, num_updates)
+  _check_qat(config, num_updates)
   metric = config.early_stopping.metric
   auc = [s.head.enabled and spec.is_binary and spec.shape == () for s, spec in zip(stages, specs)]
   known = ["eval/loss", "eval/accuracy"] + (["eval/auc"] if auc[-1] else [])
@@ -333,9 +342,24 @@ def _check_budgets(config: ml_collections.ConfigDict, mode: ChainMode, num_updat
     raise ConfigError("chain.phase_steps", f"needs one budget per stage ({n}) summing to {what}, got {phases}")
 
 
+def _check_qat(config: ml_collections.ConfigDict, num_updates: int) -> None:
+  """`compress.qat.start_step` against the rules and the run (the rules are checked by `build_chain`, the bits
+  by `config.validate`)."""
+  qat = config.compress.qat
+  if qat.start_step and not qat.rules and not qat.boundary_bits:
+    raise ConfigError("compress.qat.start_step", f"{qat.start_step} delays quantization-aware training, but there "
+                      "is none: set compress.qat.rules or compress.qat.boundary_bits, or start_step=0")
+  if qat.start_step >= num_updates:
+    raise ConfigError("compress.qat.start_step", f"must be below the run's {num_updates} updates (QAT would never "
+                      f"start), got {qat.start_step}")
+
+
 def build_chain(config: ml_collections.ConfigDict, task, *, rngs: nnx.Rngs) -> Chain:
   """The chain of `config.chain.stages` for `task` (its input and per-stage labels), with the layers that
-  `config.compress.qat.rules` name quantized for training (`compress.quant.quantize`)."""
+  `config.compress.qat.rules` name quantized for training (`compress.quant.quantize`) and, with
+  `config.compress.qat.boundary_bits`, every stage's output quantized before its head and the next stage
+  (EMA range; the asymmetric grid spends every level on the observed range, also for one-signed post-ReLU
+  outputs, where a symmetric grid would waste half of them)."""
   chain = Chain(config.chain.stages, task.input_shape, task.input_dtype, task.label_specs, rngs=rngs)
   rules = []
   for i, text in enumerate(config.compress.qat.rules):
@@ -348,6 +372,8 @@ def build_chain(config: ml_collections.ConfigDict, task, *, rngs: nnx.Rngs) -> C
       quant.quantize(chain, rules)
     except ValueError as e:
       raise ConfigError("compress.qat.rules", str(e).splitlines()[0]) from None
+  if config.compress.qat.boundary_bits:
+    quant.attach_boundary_quantizers(chain, config.compress.qat.boundary_bits)
   return chain
 
 

@@ -264,9 +264,14 @@ class Checkpointer:
             f"target: {mismatch}")
       try:
         if partial:  # the state item read on its own, so that it can take a PyTree handler's partial restore
+          # An entry without arrays (e.g. the empty `rest` of a chain without BatchNorm) is left out of the
+          # target, where Orbax would take it for a leaf, and put back as it is.
+          empty = {k: v for k, v in abstract_state.items() if not jax.tree.leaves(v)}
+          target = {k: v for k, v in abstract_state.items() if k not in empty}
           with ocp.PyTreeCheckpointer() as reader:
             state = reader.restore(self._step_dir(step) / _STATE, args=ocp.args.PyTreeRestore(
-                abstract_state, ocp.checkpoint_utils.construct_restore_args(abstract_state), partial_restore=True))
+                target, ocp.checkpoint_utils.construct_restore_args(target), partial_restore=True))
+          state = {**state, **empty}
           restored = {_STATE: state, **self._manager.restore(
               step, args=ocp.args.Composite(**{_METADATA: ocp.args.JsonRestore()}))}
         else:

@@ -137,6 +137,15 @@ def base_config() -> ml_collections.ConfigDict:
   # [per_channel=true] [act_symmetric=false] [act_range=ema|lsq]", first match wins, e.g. "stages/level1/.* w=8 a=8".
   c.compress.qat = ml_collections.ConfigDict()
   c.compress.qat.rules = ()  # empty = float training
+  c.compress.qat.start_step = 0  # updates of float training before the rules take effect (0 = QAT from the start)
+  c.compress.qat.boundary_bits = 0  # quantize every stage's output (the activation passed down the chain); 0 = float
+  # A workdir whose newest checkpoint gives the initial parameters (and BatchNorm statistics), e.g. a float run to
+  # fine-tune with QAT or pruning; "" = initialize from `seed`. Its optimizer state and step are not used.
+  c.compress.init_from = ""
+  # --mode=compress (post-training quantization of a trained workdir, chainjax.compression):
+  c.compress.ptq_bits = (8, 4)  # the integer widths of the weights to evaluate (4 is stored packed, two per byte)
+  c.compress.sensitivity = False  # also quantize / prune one stage at a time and report each stage's metric drop
+  c.compress.sensitivity_sparsity = (0.5, 0.8, 0.9)  # the one-shot sparsities of the sensitivity scan
   c.compress.prune = ml_collections.ConfigDict()
   c.compress.prune.sparsity = 0.0  # final fraction of zeros in each pruned kernel; 0 = no pruning
   c.compress.prune.stage_sparsity = ()  # one target per stage (0 = that stage is not pruned); empty = `sparsity`
@@ -196,13 +205,15 @@ _POSITIVE = ("batch_size", "eval_batch_size", "total_steps", "eval_every", "chec
 _NON_NEGATIVE = ("seed", "divergence_factor", "data.seed", "data.num_threads", "data.prefetch", "chain.consistency_weight", "optim.warmup_steps",
                  "optim.end_lr_factor", "optim.momentum", "optim.weight_decay", "optim.grad_clip_norm",
                  "optim.steps_per_epoch", "chain.finetune_steps", "optim.plateau_min_scale", "optim.plateau_min_delta",
-                 "early_stopping.patience", "early_stopping.min_delta", "compress.prune.begin_step")
+                 "early_stopping.patience", "early_stopping.min_delta", "compress.prune.begin_step",
+                 "compress.qat.start_step", "compress.qat.boundary_bits")
 
 
 _SEEDS = ("seed", "data.seed")
 MAX_SEED = 2**32 - 1
 _NUMBER_TUPLES = ("chain.loss_weights", "chain.phase_steps", "optim.boundaries", "optim.scales",
-                  "compress.prune.stage_sparsity")
+                  "compress.prune.stage_sparsity", "compress.ptq_bits", "compress.sensitivity_sparsity")
+MIN_BITS, MAX_BITS = 2, 8  # the integer widths of chainjax.compress (quant.MIN_BITS, quant.MAX_BITS)
 
 
 def num_updates(config: ml_collections.ConfigDict, train_size: int = 0) -> int:
@@ -275,6 +286,24 @@ def _get(config, field: str):
   return config
 
 
+def _check_compress(compress: ml_collections.ConfigDict) -> None:
+  """The integer widths and the sensitivity sparsities of `config.compress`."""
+  bits = compress.qat.boundary_bits
+  if bits and not MIN_BITS <= bits <= MAX_BITS:
+    raise ConfigError("compress.qat.boundary_bits", f"must be 0 (float) or in {MIN_BITS}..{MAX_BITS}, got {bits!r}")
+  widths = tuple(compress.ptq_bits)
+  if not widths:
+    raise ConfigError("compress.ptq_bits", "is empty: name the integer widths to evaluate, e.g. (8, 4)")
+  for bits in widths:
+    if not MIN_BITS <= bits <= MAX_BITS:
+      raise ConfigError("compress.ptq_bits", f"widths must be in {MIN_BITS}..{MAX_BITS}, got {bits!r}")
+  if len(set(widths)) != len(widths):
+    raise ConfigError("compress.ptq_bits", f"names a width twice: {widths}")
+  for sparsity in compress.sensitivity_sparsity:
+    if not 0.0 <= sparsity < 1.0:
+      raise ConfigError("compress.sensitivity_sparsity", f"sparsities must be in [0, 1), got {sparsity!r}")
+
+
 def validate(config: ml_collections.ConfigDict, num_devices: int = 1) -> None:
   """Raises `ConfigError` for the first field that is unknown, mistyped or out of its range.
 
@@ -307,6 +336,7 @@ def validate(config: ml_collections.ConfigDict, num_devices: int = 1) -> None:
   for field in _SEEDS:  # jax.random.key takes an int64; the data streams (numpy, Grain) are kept to uint32
     if _get(config, field) > MAX_SEED:
       raise ConfigError(field, f"must be in [0, {MAX_SEED}], got {_get(config, field)!r}")
+  _check_compress(config.compress)
   if 0 < config.divergence_factor <= 1:
     raise ConfigError("divergence_factor", f"must be > 1 (or 0 = off), got {config.divergence_factor!r}")
   if config.batch_size % num_devices:

@@ -14,7 +14,12 @@ model from a config or a workdir start here, so they all run the same step:
     eval_metrics = exp.evaluate(state, exp.task.eval_iterator(config.eval_batch_size, shard))
 
 `restore(workdir, params_only=True)` reads only the parameters (and BatchNorm statistics)
-of the newest good checkpoint, for evaluation or export.
+of the newest good checkpoint, for evaluation or export; `init_state()` reads them from
+`config.compress.init_from` when that is set (fine-tuning, e.g. a float run with QAT).
+
+With `config.compress.qat.start_step > 0`, the updates before it train the float model: each
+phase they touch has a float twin (`float_phases`, same optimizer and schedules, its own
+compiled steps with quantization off) that `phase_at` returns for them.
 
 Validation that needs several parts (the task's shapes against the stages, phase budgets
 against the resolved number of updates, memory) lives here too (`validate`); each part
@@ -35,6 +40,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
+from absl import logging
 from etils import epath
 from flax import nnx
 from jax.experimental import multihost_utils
@@ -48,6 +54,7 @@ from chainjax import optim as optim_lib
 from chainjax import parallel
 from chainjax import precision
 from chainjax.compress import prune as prune_lib
+from chainjax.compress import quant
 from chainjax.data import line_parity
 from chainjax.errors import ConfigError
 
@@ -121,7 +128,7 @@ def _cast_predictions(output: chain_lib.ChainOutput, policy: precision.Policy) -
 def make_train_step(graphdef, loss_fn: chain_lib.ChainLoss, tx: optax.GradientTransformation, *,
                     seed: int, phase: int | None = None, stage_names: tuple[str, ...] = (),
                     accum_steps: int = 1, policy: precision.Policy | None = None,
-                    dynamic_loss_scale: bool = False):
+                    dynamic_loss_scale: bool = False, quantized: bool = True):
   """One optimizer update on one global batch: `train_step(state, batch) -> (state, metrics)`.
 
   `accum_steps > 1` splits the global batch into that many micro-batches (example j goes
@@ -146,6 +153,9 @@ def make_train_step(graphdef, loss_fn: chain_lib.ChainLoss, tx: optax.GradientTr
   multiplied by the loss scale held in the optimizer state (1.0 without loss scaling); the
   loss-scale wrapper in `tx` unscales the gradients. A step that the dynamic loss scale
   skips leaves the parameters bit-identical.
+
+  `quantized` (static): whether the chain's quantizers act (`quant.enabled`); False trains the float
+  model on the same state, observers untouched (the updates before `compress.qat.start_step`).
   """
   base_key = jax.random.fold_in(jax.random.key(seed), 1)
   policy = policy or precision.get_policy("float32")
@@ -155,7 +165,9 @@ def make_train_step(graphdef, loss_fn: chain_lib.ChainLoss, tx: optax.GradientTr
   def grads_of_batch(params, rest, batch, key, denominator, loss_scale):
     def objective(params):
       model = nnx.merge(graphdef, policy.cast_to_compute(params), rest, copy=True)
-      output = model(policy.cast_to_compute(batch["inputs"]), mode=loss_fn.mode, train=True, key=key, phase=phase)
+      with quant.enabled(quantized):
+        output = model(policy.cast_to_compute(batch["inputs"]), mode=loss_fn.mode, train=True, key=key,
+                       phase=phase)
       loss, metrics = loss_fn(_cast_predictions(output, policy), batch["labels"], batch["mask"], phase=phase,
                               denominator=denominator)
       new_rest = jax.tree.map(lambda new, old: new.astype(old.dtype), nnx.state(model, nnx.Not(nnx.Param)), rest)
@@ -220,20 +232,21 @@ def make_train_step(graphdef, loss_fn: chain_lib.ChainLoss, tx: optax.GradientTr
 
 
 def make_eval_step(graphdef, loss_fn: chain_lib.ChainLoss, phase: int | None = None,
-                   policy: precision.Policy | None = None):
+                   policy: precision.Policy | None = None, quantized: bool = True):
   """`eval_step(params, rest, batch) -> (sums, scores)` on one padded eval batch.
 
   It needs only the parameters and the other variables (a state restored without its
   optimizer state evaluates too). `sums`: chain loss, per-stage loss and accuracy summed over real examples, and their
   count. `scores`: per stage with one binary label, its logits, labels and mask, for the
-  exact ROC AUC over the whole held-out set.
+  exact ROC AUC over the whole held-out set. `quantized`: as in `make_train_step`.
   """
   policy = policy or precision.get_policy("float32")
 
   def eval_step(params, rest, batch) -> tuple[dict, dict]:
     model = nnx.merge(graphdef, policy.cast_to_compute(params), rest)
-    output = _cast_predictions(model(policy.cast_to_compute(batch["inputs"]), mode=loss_fn.mode, train=False,
-                                     phase=phase), policy)
+    with quant.enabled(quantized):
+      output = _cast_predictions(model(policy.cast_to_compute(batch["inputs"]), mode=loss_fn.mode, train=False,
+                                       phase=phase), policy)
     loss, metrics = loss_fn(output, batch["labels"], batch["mask"], phase=phase,
                             denominator=jnp.ones((), jnp.float32))
     metrics = {k: v for k, v in metrics.items() if not k.endswith(metrics_lib.AUC_COUNTS)}
@@ -261,6 +274,8 @@ class Phase:
   state and the sums are donated. `eval_step(params, rest, sums, batch) -> (sums, scores, count)`: the
   jitted `make_eval_step` (`eval_fn`) on (params, rest), eval sums added on device, and the batch's
   count (not donated: what the dispatch window waits on). Both compile on first use.
+
+  `quantized`: whether its steps run the chain's quantizers (False: a float twin, see the module docstring).
   """
 
   index: int
@@ -271,6 +286,7 @@ class Phase:
   step_fn: Callable
   eval_fn: Callable
   experiment: "Experiment" = dataclasses.field(repr=False)
+  quantized: bool = True
 
   @property
   def num_updates(self) -> int:
@@ -347,15 +363,20 @@ class Experiment:
     self.accum_by_optax = config.optim.accum_impl == "optax" and config.optim.accum_steps > 1
     self.window = parallel.DispatchWindow()  # every program `update` and `evaluate` dispatch goes through it
     self.phases = tuple(self._phase(j, start, end, tx) for j, (start, end, tx) in enumerate(zip(starts, ends, txs)))
+    self.qat_start = config.compress.qat.start_step
+    self.float_phases = {p.index: self._phase(p.index, p.start, p.end, p.tx, quantized=False)
+                         for p in self.phases if p.start < self.qat_start}
 
-  def _phase(self, index: int, start: int, end: int, tx: optax.GradientTransformation) -> Phase:
+  def _phase(self, index: int, start: int, end: int, tx: optax.GradientTransformation,
+             quantized: bool = True) -> Phase:
     config = self.config
     schedules = optim_lib.stage_schedules(config.optim, end - start, self.stage_names, self.steps_per_epoch)
     step_fn = make_train_step(self.graphdef, self.loss_fn, tx, seed=config.seed, phase=index,
                               stage_names=self.stage_names, accum_steps=config.optim.accum_steps,
-                              policy=self.policy, dynamic_loss_scale=config.precision.loss_scale.startswith("dynamic"))
-    eval_fn = make_eval_step(self.graphdef, self.loss_fn, index, self.policy)
-    return Phase(index, start, end, tx, schedules, step_fn, eval_fn, self)
+                              policy=self.policy, dynamic_loss_scale=config.precision.loss_scale.startswith("dynamic"),
+                              quantized=quantized)
+    eval_fn = make_eval_step(self.graphdef, self.loss_fn, index, self.policy, quantized)
+    return Phase(index, start, end, tx, schedules, step_fn, eval_fn, self, quantized)
 
   # Shapes and states.
 
@@ -383,9 +404,55 @@ class Experiment:
     """The initial train state (parameters from `config.seed`), placed with its shardings.
 
     Built eagerly, then placed: compiling the initializers as one program would let XLA fold
-    some of them differently (embedding tables differ in the last bit).
+    some of them differently (embedding tables differ in the last bit). With
+    `config.compress.init_from`, the parameters and other variables then come from that workdir
+    (`_state_from`).
     """
-    return jax.device_put(init_train_state(self._build_chain(), self.phases[0].tx)[1], self.state_shardings)
+    state = jax.device_put(init_train_state(self._build_chain(), self.phases[0].tx)[1], self.state_shardings)
+    if self.config.compress.init_from:
+      state = self._state_from(self.config.compress.init_from, state)
+    return state
+
+  def _state_from(self, source: str, fresh: TrainState) -> TrainState:
+    """`fresh` with the parameters and other variables (BatchNorm statistics, observers) of the newest good
+    checkpoint of the workdir `source`, read-only, and a new optimizer state for them.
+
+    The variables of activation quantizers (`quant.is_quantizer_path`) come from `source` only when it has
+    all of them; otherwise, e.g. a float run fine-tuned with QAT, they stay fresh. Raises `ConfigError` for
+    `compress.init_from` when no checkpoint restores or the parameters do not fit this config.
+    """
+    abstract = self.abstract_state()
+    full = {"params": abstract.params, "rest": abstract.rest}
+    without_quantizers = {k: nnx.filter_state(v, lambda path, _: not quant.is_quantizer_path(path))
+                          for k, v in full.items()}
+    targets = [full]
+    if jax.tree.structure(without_quantizers) != jax.tree.structure(full):  # for a source without (all of) them
+      targets.append(without_quantizers)
+    targets = [{k: v for k, v in t.items() if jax.tree.leaves(v)} for t in targets]  # an empty part: nothing to read
+    checkpointer = checkpoint_lib.Checkpointer(os.path.join(source, "checkpoints"), read_only=True)
+    try:
+      for attempt, wanted in enumerate(targets):
+        try:
+          restored = checkpointer.restore_latest(wanted, partial=True)
+          break
+        except ValueError as e:  # a path the checkpoint lacks, or another shape: nothing was read
+          error = e
+      else:
+        raise ConfigError("compress.init_from", f"the checkpoint in {source} does not fit this config: "
+                          f"{str(error).splitlines()[0]}")
+    finally:
+      checkpointer.close()
+    if restored is None:
+      raise ConfigError("compress.init_from", f"no checkpoint in {source} restores")
+    step, tree, _ = restored
+    values = {_names(path): leaf for path, leaf in jax.tree.leaves_with_path(tree)}
+    take = lambda part: jax.tree.map_with_path(lambda path, x: values.get((part,) + _names(path), x),
+                                               getattr(fresh, part))
+    params, rest = take("params"), take("rest")
+    opt_state = jax.jit(self.phases[0].tx.init, out_shardings=self.state_shardings.opt_state)(params)
+    logging.info("Initial parameters and non-parameter state from %s, step %d%s.", source, step,
+                 " (activation quantizers start fresh: the source lacks them)" if attempt else "")
+    return fresh._replace(params=params, rest=rest, opt_state=opt_state)
 
   def enter_phase(self, state: TrainState, phase: Phase) -> TrainState:
     """`state` at the start of a later `phase`: a fresh optimizer state for it; the loss scale carries on."""
@@ -431,8 +498,9 @@ class Experiment:
   # Steps.
 
   def phase_at(self, step: int) -> Phase:
-    """The phase that update `step` (0-based) belongs to."""
-    return self.phases[chain_lib.phase_at(self.phase_starts, step)]
+    """The phase that update `step` (0-based) belongs to (its float twin before `compress.qat.start_step`)."""
+    index = chain_lib.phase_at(self.phase_starts, step)
+    return self.float_phases[index] if step < self.qat_start else self.phases[index]
 
   @functools.cached_property
   def micro_denominator(self) -> Callable:
@@ -499,6 +567,11 @@ class Experiment:
     return with_headline(metrics, prefix, self.num_stages)
 
 
+def _names(path) -> tuple[str, ...]:
+  """A tree path as plain strings (dict key, attribute or index), as checkpoints spell it."""
+  return tuple(str(getattr(key, "key", getattr(key, "name", getattr(key, "idx", key)))) for key in path)
+
+
 def _host_arrays(tree: Any) -> Any:
   """A pytree of global arrays' values on every process (gathered from the other processes on multi-host)."""
   if jax.process_count() > 1:
@@ -561,6 +634,7 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None, 
     _check_data_memory(config, num_devices, _task_example(config, task), memory)
   updates = config_lib.num_updates(config, train_size)
   chain_lib.check_config(config, task.label_specs, updates, task.name)
+  _check_init_from(config, workdir)
   model = _abstract_chain(config, task)
   _check_model_sharding(config, model)
   optim_lib.validate(config, updates, bool(train_size), task.name)
@@ -568,6 +642,25 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None, 
   _check_prunable(config, model, updates)
   _check_state_memory(config, task, num_devices, model, memory)
   return task
+
+
+def _check_init_from(config: ml_collections.ConfigDict, workdir: str | None) -> None:
+  """`compress.init_from` names a workdir with a checkpoint; not checked when `workdir` has checkpoints of its own
+  (the run resumes them and never reads `init_from`). Whether its parameters fit is checked when they are read."""
+  source = config.compress.init_from
+  if not source or (workdir and _has_steps(os.path.join(workdir, "checkpoints"))):
+    return
+  if not epath.Path(source).is_dir():
+    raise ConfigError("compress.init_from", f"{source} is not a directory")
+  if not _has_steps(os.path.join(source, "checkpoints")):
+    raise ConfigError("compress.init_from", f"{source} has no checkpoint (no {os.path.join(source, 'checkpoints')}"
+                      "/<step> folder): give the workdir of a run")
+
+
+def _has_steps(directory: str) -> bool:
+  """Whether `directory` holds a step folder of a `Checkpointer`."""
+  path = epath.Path(directory)
+  return path.is_dir() and any(p.name.isdigit() and p.is_dir() for p in path.iterdir())
 
 
 def _check_prunable(config: ml_collections.ConfigDict, model: chain_lib.Chain, updates: int) -> None:

@@ -1,5 +1,9 @@
 """Command line: `python -m chainjax.main --config=configs/X.py[:arg] --workdir=DIR [--config.a.b=value]`.
 
+`--mode=train` (the default) trains, resuming from the workdir's newest good checkpoint;
+`--mode=compress` quantizes the trained checkpoint of the workdir after training (int8 and int4
+weights), evaluates every variant and writes `DIR/compress/report.json` (`chainjax.compression`).
+
 Multi-host: run the same command on every host (the workdir must be shared), adding
 
     --coordinator_address=HOST:PORT --num_processes=N --process_id=I
@@ -50,6 +54,11 @@ from chainjax import watchdog
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file, e.g. configs/default.py[:arg].",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Where checkpoints, metrics and TensorBoard logs go.")
+_MODE = flags.DEFINE_enum(
+    "mode", "train", ["train", "compress"],
+    "train: train (or resume) in --workdir. compress: post-training quantization of --workdir's trained "
+    "checkpoint, evaluated and reported in <workdir>/compress/ (config.compress.* choose the widths and "
+    "the per-stage sensitivity scan).")
 _DISTRIBUTED = flags.DEFINE_enum(
     "distributed", "auto", ["auto", "on", "off"],
     "Call jax.distributed.initialize: auto = when --coordinator_address is given or a cluster "
@@ -348,6 +357,7 @@ def main(argv: list[str]) -> None:
   import jax  # after flag parsing, so --help is fast
 
   from chainjax import checkpoint as checkpoint_lib
+  from chainjax import compression
   from chainjax import errors
   from chainjax import preemption
   from chainjax import train
@@ -367,6 +377,9 @@ def main(argv: list[str]) -> None:
   try:
     # Stopped (never fires) once training returns or raises; counts from here, so it covers start-up.
     with watchdog.Watchdog(step_timeout, on_hang, name="chainjax-step-timeout") as step_watchdog:
+      if _MODE.value == "compress":
+        compression.compress(config, _WORKDIR.value, heartbeat=step_watchdog.beat)
+        return
       final = train.train_and_evaluate(config, _WORKDIR.value,  # validates config and data first
                                        heartbeat=step_watchdog.beat,
                                        allow_config_change=_ALLOW_CONFIG_CHANGE.value)

@@ -249,6 +249,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     restored = exp.restore(checkpointer)
     if restored is not None and saved is not None and restored[0] != saved[0]:  # fell back to an older step
       changes = _check_resume(config, (restored[0], restored[2]), allow_config_change, checkpoint_dir)
+    # A fresh start: parameters from the seed, or from compress.init_from (only here; a resumed run never reads it).
+    initial = exp.init_state() if restored is None else None
   except BaseException:
     checkpointer.close()
     raise
@@ -263,7 +265,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       checkpointer.close()
       return meta["final_metrics"]
   else:
-    restored_step, state = 0, exp.init_state()
+    restored_step, state = 0, initial
   config_json, config_hash = config_record(config)
   loop = LoopState(
       step=int(jax.device_get(state.step)),
@@ -302,7 +304,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   sparsity_of = jax.jit(prune_lib.stage_sparsity, out_shardings=exp.replicated)  # train/sparsity/<stage>
   progress = metrics_lib.ProgressBar(config.total_steps, loop.step, enabled=is_main)
   clock = TrainClock()
-  compiled: set[int] = set()
+  compiled: set[tuple[int, bool]] = set()  # (phase index, quantized): a float twin compiles on its own
   phase = exp.phase_at(loop.step) if loop.step < config.total_steps else exp.phases[-1]
   sums = phase.zero_sums()
   stop = preempted = False
@@ -316,11 +318,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
           state = exp.enter_phase(state, new_phase)
           loop.phase_skipped_base = int(jax.device_get(precision.skipped_steps(state.opt_state)))
           loop.reference_loss = None  # each phase trains another loss: divergence is measured within it
+        if new_phase.quantized and not phase.quantized:
+          logging.info("Quantization-aware training from update %d on (compress.qat.start_step).", loop.step)
         phase = new_phase
-        first_call = phase.index not in compiled
+        first_call = (phase.index, phase.quantized) not in compiled
         if first_call:  # compiling is not training time
           clock.stop(state.step)
-          compiled.add(phase.index)
+          compiled.add((phase.index, phase.quantized))
         else:
           clock.start()
         state, sums, step_metrics = exp.update(phase, state, sums, next(train_iter))

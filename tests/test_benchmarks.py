@@ -94,3 +94,18 @@ def test_scaling_smoke():
   rows = re.findall(r"^\s+(\d+)\s+(\d+)\s+[\d.]+\s+[\d.]+\s+\d+\s+([\d.]+)x$", out, re.M)
   assert [(n, batch) for n, batch, _ in rows] == [("1", "4"), ("2", "8")], out
   assert rows[0][2] == "1.00", out
+
+
+def test_compression_smoke(tmp_path, monkeypatch):
+  monkeypatch.setenv("TFDS_DATA_DIR", str(tmp_path))  # Fashion-MNIST is not prepared there: skipped, in one line
+  out = _run("compression_costs.py", "--quick", "--configs=default,fashion_mnist_cnn")
+  assert re.search(r"^fashion_mnist_cnn: skipped, its data is not prepared: .*chainjax\.data\.prepare fashion_mnist",
+                   out, re.M), out
+  rows = re.findall(r"^  (\S.*?)\s+[\d.,]+ (?:ms|B)\s+[\d.,]+ (?:ms|B)\s+([\d.]+)x\s+(report|<=([\d.]+)x (PASS|MISS))$",
+                    out, re.M)
+  assert [row[0] for row in rows] == ["QAT w8a8 train step vs float", "pruned 0.8 train step vs dense",
+                                      "PTQ int8 eval vs float eval", "int8 bytes vs float32",
+                                      "int4 bytes vs float32"], out
+  assert rows[2][2] == "report", out
+  for _, ratio, _, target, verdict in rows[3:]:  # bytes are exact: their targets must hold (timings are not checked)
+    assert float(ratio) <= float(target) and verdict == "PASS", out

@@ -425,3 +425,62 @@ def _flat(tree, prefix=()):
       yield from _flat(v, prefix + (str(k),))
   else:
     yield prefix, tree
+
+
+# --------------------------------------------------------------------------------------------
+# Attention (nnx.LinearGeneral) and the transformer stage.
+# --------------------------------------------------------------------------------------------
+
+
+def test_attention_projections_quantize_per_output_feature():
+  """MultiHeadAttention's query/key/value/out are LinearGeneral layers: kernels [in, heads, head_dim] and
+  [heads, head_dim, out], one weight scale per output feature (the kernel's trailing out_features axes)."""
+  ref = nnx.MultiHeadAttention(num_heads=2, in_features=8, decode=False, rngs=nnx.Rngs(0))
+  mha = quant.quantize(nnx.clone(ref), [quant.Rule(r".*", weight_bits=4, act_bits=8)])
+  assert sorted(quant.quantized_layers(mha)) == ["key", "out", "query", "value"]
+  query, out = mha.query, mha.out
+  assert query.layer_type == "LinearGeneral" and query.channel_axis == (1, 2) and out.channel_axis == (2,)
+  kernel = np.asarray(ref.query.kernel[...])
+  assert kernel.shape == (8, 2, 4)
+  scales = np.asarray(quant.weight_scales(jnp.asarray(kernel), 4, True, query.channel_axis))
+  assert scales.shape == (1, 2, 4)  # heads x head_dim: one per output feature
+  np.testing.assert_allclose(scales, np.abs(kernel).max(axis=0, keepdims=True) / 7, rtol=1e-6)
+  assert quant.weight_scales(out.kernel[...], 4, True, out.channel_axis).shape == (1, 1, 8)
+  x = jnp.asarray(np.random.default_rng(0).normal(size=(2, 5, 8)), jnp.float32)
+  kq = np.clip(np.round(kernel / scales), -7, 7) * scales
+  want = np.einsum("btd,dhk->bthk", np.asarray(query.input_quant(x, train=False)), kq) + np.asarray(query.bias[...])
+  np.testing.assert_allclose(np.asarray(query(x)), want, rtol=1e-5, atol=1e-5)
+  assert not np.array_equal(np.asarray(mha(x)), np.asarray(ref(x)))
+  with quant.enabled(False):  # the float attention, bit for bit
+    np.testing.assert_array_equal(np.asarray(mha(x)), np.asarray(ref(x)))
+  assert param_paths(mha) == param_paths(ref)
+
+
+def test_attention_rule_on_the_text_transformer_config():
+  import helpers
+  from chainjax import experiment
+  from chainjax.data import base, text
+
+  config = helpers.load_config("text_transformer", "runlocal", **{
+      "data.train_size": 256, "compress.qat.rules": ("stages/encoder/body/blocks/.*/attn/.* w=8 a=8",)})
+  experiment.validate(config, num_devices=8)
+  task = text.text_task(config, None)
+  model = chain_lib.build_chain(config, task, rngs=nnx.Rngs(0))
+  assert sorted(quant.quantized_layers(model)) == [f"stages/encoder/body/blocks/{i}/attn/{m}" for i in range(2)
+                                                   for m in ("key", "out", "query", "value")]
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+  batch = next(task.train_iterator(config.batch_size, base.Shard()))
+
+  def loss_fn(params):
+    model = nnx.merge(graphdef, params, rest, copy=True)
+    logits = model(batch["inputs"], train=True, key=jax.random.key(0)).predictions[-1]
+    loss = jnp.mean(jax.nn.softplus(logits) - batch["labels"][-1] * logits)
+    return loss, nnx.state(model, nnx.Not(nnx.Param))
+
+  (loss, rest), grads = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))(params)
+  assert np.isfinite(float(loss))
+  counts = {path: int(v[...]) for path, v in nnx.to_flat_state(rest) if path[-1] == "count"}
+  assert len(counts) == 8 and set(counts.values()) == {1}  # every projection's input observed once
+  for path, g in nnx.to_flat_state(grads):
+    if "attn" in path and path[-1] == "kernel":
+      assert float(jnp.abs(g[...]).sum()) > 0, path

@@ -176,6 +176,27 @@ def _n_m_mask(candidate: jax.Array, mask: jax.Array, n: int, m: int) -> jax.Arra
   return jnp.moveaxis((ranks >= m - n).reshape(shape), -1, -2)
 
 
+def prune_once(params: Any, sparsity: float, select: Callable[[tuple, Any], bool] | None = None) -> Any:
+  """One-shot layer-wise magnitude pruning: `params` with the `sparsity` fraction of smallest |w| of every
+  leaf `select` accepts (default: `default_prunable`) set to 0, the other leaves unchanged.
+
+  Example:
+    >>> w = jnp.array([[0.1, -3.0], [2.0, -0.5]])
+    >>> prune_once({"w": w}, 0.5)["w"].tolist()
+    [[0.0, -3.0], [2.0, 0.0]]
+  """
+  _check_fraction("sparsity", sparsity)
+  select = select or default_prunable
+
+  def prune(path, w):
+    if not select(path, w):
+      return w
+    keep = _keep_top(_scores(w, jnp.ones(w.shape, bool)).reshape(-1), _prune_count(jnp.float32(sparsity), w.size))
+    return jnp.where(keep.reshape(w.shape), w, jnp.zeros_like(w))
+
+  return jax.tree.map_with_path(prune, params)
+
+
 # --------------------------------------------------------------------------------------------
 # The wrapper.
 # --------------------------------------------------------------------------------------------

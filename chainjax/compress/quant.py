@@ -1,11 +1,13 @@
 """Quantization-aware training (QAT) for chains: fake quantization, observers, and model surgery.
 
 What: `quantize(model, rules)` rewrites an unmodified chain (or any nnx.Module) in place so that the
-kernels of the `nnx.Linear`, `nnx.Conv` and `nnx.Embed` layers whose module path matches a `Rule` are
-fake-quantized in the forward pass (round-to-nearest onto an integer grid, back to float), and so are
-the inputs of the Linear/Conv layers. The LSTM stage's cell (`nnx.OptimizedLSTMCell`) computes its
-gates with two `nnx.Linear` layers, `dense_i` (input kernel) and `dense_h` (recurrent kernel), so its
-kernels and their inputs (x_t and h_{t-1}) are covered by the same rule mechanism.
+kernels of the `nnx.Linear`, `nnx.LinearGeneral`, `nnx.Conv` and `nnx.Embed` layers whose module path
+matches a `Rule` are fake-quantized in the forward pass (round-to-nearest onto an integer grid, back to
+float), and so are the inputs of the Linear/LinearGeneral/Conv layers. The LSTM stage's cell
+(`nnx.OptimizedLSTMCell`) computes its gates with two `nnx.Linear` layers, `dense_i` (input kernel) and
+`dense_h` (recurrent kernel), and `nnx.MultiHeadAttention` (the transformer stage) its query, key, value
+and output projections with `nnx.LinearGeneral` layers, so all of these are covered by the same rule
+mechanism. `attach_boundary_quantizers` adds a quantizer of each stage's output (chain-boundary QAT).
 
 Why our own: QAT here is a research object (bits per stage, chain-boundary quantization, LSQ vs
 EMA ranges), so the transform is small, explicit, and depends on nothing but jax and flax; Qwix and
@@ -20,9 +22,10 @@ Numerics:
     representable range [(qmin - z) s, (qmax - z) s] (bounds included) and 0 outside; the scale gets
     LSQ's gradient (round(q) - q inside, the clipped bound minus z outside, q = x / s + z).
   * weight scales: max |w| / qmax, per output channel (the last kernel axis of Dense and Conv; the
-    row, i.e. the token, of an Embed table) or per tensor, recomputed every forward pass with the
-    gradient stopped (nothing clips, so every weight gets the identity gradient). An all-zero channel
-    gets scale 1.
+    trailing out_features axes of a LinearGeneral kernel [*batch, *in_features, *out_features], and its
+    batch axes, which index separate kernels; the row, i.e. the token, of an Embed table) or per
+    tensor, recomputed every forward pass with the gradient stopped (nothing clips, so every weight
+    gets the identity gradient). An all-zero channel gets scale 1.
   * activation ranges: "ema": an observer of min/max, `decay * old + (1 - decay) * batch`, the first
     observed batch initializing it (an all-zero batch, e.g. an LSTM's zero initial state, is skipped:
     it carries no range); "lsq": a learned scale `s = base + delta`, where `base` is the
@@ -39,14 +42,17 @@ returned by the train step and checkpointed. Observers update only in training. 
 their layers as `layer(x)`, without `train`, so a quantized layer reads the flag from the
 `training(train)` context: the chain should enter `with quant.training(stage_train):` around each
 stage's body and head call (outside it, observers never update). An observer that has seen nothing
-yet (count 0) quantizes with the current batch's own range.
+yet (count 0) quantizes with the current batch's own range. Within `enabled(False)` every quantized layer
+and activation quantizer is the identity and no observer updates: the float model with the same state
+(chainjax trains float for the first `compress.qat.start_step` updates that way).
 
 Parameter paths: a wrapped layer keeps its Variables under their original names, so every parameter
 path of the original model is UNCHANGED (e.g. `('stages', 's1', 'body', 'layers', 0, 'kernel')`), and
 float checkpoints restore into a quantized model's parameters. The wrapper only adds variables below
 the layer: `<layer>/input_quant/{min,max,count}` (EMA) or `<layer>/input_quant/{base_scale,
-zero_point,count}` (QuantStats) plus `<layer>/input_quant/scale_delta` (an `nnx.Param`, LSQ). Every
-path keeps `('stages', <stage name>)` as its first two elements.
+zero_point,count}` (QuantStats) plus `<layer>/input_quant/scale_delta` (an `nnx.Param`, LSQ); a stage's
+boundary quantizer adds the same under `stages/<stage name>/out_quant`. Every path keeps
+`('stages', <stage name>)` as its first two elements.
 
 Usage::
 
@@ -144,23 +150,25 @@ def fake_quant(x: jax.Array, scale, zero_point=0, bits: int = 8, signed: bool = 
   return _fake_quant(x.astype(dtype), scale, zero_point, qmin, qmax).astype(x.dtype)
 
 
-def weight_scales(w: jax.Array, bits: int, per_channel: bool, channel_axis: int = -1) -> jax.Array:
+def weight_scales(w: jax.Array, bits: int, per_channel: bool, channel_axis: int | Sequence[int] = -1) -> jax.Array:
   """Max-abs scales of the symmetric grid: max|w| / qmax, 1 where max|w| is 0.
 
-  `per_channel`: one scale per index of `channel_axis`, reduced over every other axis with the
-  dims kept (shape [1, ..., C, ..., 1], so `w / scale` broadcasts); else one scale (shape []).
+  `per_channel`: one scale per index of `channel_axis` (an axis, or several: one scale per index tuple),
+  reduced over every other axis with the dims kept (shape [1, ..., C, ..., 1], so `w / scale`
+  broadcasts); else one scale (shape []).
   """
   _, qmax = int_range(bits, signed=True)
   absw = jnp.abs(w)
   if per_channel:
-    axis = channel_axis % w.ndim
-    amax = jnp.max(absw, axis=tuple(i for i in range(w.ndim) if i != axis), keepdims=True)
+    keep = {a % w.ndim for a in ((channel_axis,) if isinstance(channel_axis, int) else channel_axis)}
+    amax = jnp.max(absw, axis=tuple(i for i in range(w.ndim) if i not in keep), keepdims=True)
   else:
     amax = jnp.max(absw)
   return jnp.where(amax > 0, amax / qmax, jnp.ones_like(amax))
 
 
-def quantize_weight(w: jax.Array, bits: int, per_channel: bool, channel_axis: int = -1) -> jax.Array:
+def quantize_weight(w: jax.Array, bits: int, per_channel: bool, channel_axis: int | Sequence[int] = -1
+                    ) -> jax.Array:
   """`w` fake-quantized on the symmetric grid with (gradient-stopped) max-abs scales."""
   scale = jax.lax.stop_gradient(weight_scales(w, bits, per_channel, channel_axis))
   return fake_quant(w, scale, 0, bits, signed=True)
@@ -221,11 +229,37 @@ def is_training() -> bool:
   return _TRAINING.get()
 
 
+_ENABLED: contextvars.ContextVar[bool] = contextvars.ContextVar("chainjax_quant_enabled", default=True)
+
+
+@contextlib.contextmanager
+def enabled(flag: bool = True) -> Iterator[None]:
+  """Within `enabled(False)`, quantized layers compute with their float weights and inputs, activation
+  quantizers are the identity, and no observer updates: the float model, with the same variables.
+
+  Why: a run that trains float before QAT starts (`compress.qat.start_step`) keeps one state layout (the
+  observers exist from the first update, so checkpoints and resumption do not change) and compiles a
+  float and a quantized train step from the same model. Read at trace time, like `training`; outside
+  any `enabled` context quantization is on.
+  """
+  token = _ENABLED.set(bool(flag))
+  try:
+    yield
+  finally:
+    _ENABLED.reset(token)
+
+
+def is_enabled() -> bool:
+  """The flag of the innermost `enabled` context (True outside one)."""
+  return _ENABLED.get()
+
+
 class ActQuantizer(nnx.Module):
   """Fake-quantizes an activation tensor with an observed ("ema") or learned ("lsq") range.
 
   Call `quantizer(x, train=...)`; `train` (default: the `training` context's flag) updates the
-  observer. Non-float inputs (e.g. tokens) pass through unchanged.
+  observer. Non-float inputs (e.g. tokens) pass through unchanged, and so does everything within
+  `enabled(False)` (the observer does not update then).
   """
 
   def __init__(self, bits: int, *, symmetric: bool = False, act_range: str = "ema", decay: float = 0.99):
@@ -277,7 +311,7 @@ class ActQuantizer(nnx.Module):
     return jnp.maximum(base + delta, _EPS), zero_point
 
   def __call__(self, x: jax.Array, *, train: bool | None = None) -> jax.Array:
-    if not jnp.issubdtype(x.dtype, jnp.inexact):
+    if not is_enabled() or not jnp.issubdtype(x.dtype, jnp.inexact):
       return x
     scale, zero_point = self.qparams(x, is_training() if train is None else train)
     return fake_quant(x, scale, zero_point, self.bits, signed=self.symmetric)
@@ -288,8 +322,9 @@ class BoundaryQuantizer(ActQuantizer):
 
   Integration: one per stage, as an attribute of the stage's `Link` (see `attach_boundary_quantizers`),
   so its paths start with `('stages', <name>)` and its LSQ parameter goes to that stage's optimizer;
-  `Chain.__call__` then applies `h = link.out_quant(h, train=stage_train)` after the body, before the
-  head and the next stage.
+  `Chain.__call__` applies `h = link.out_quant(h)` after the body, before the head and the next stage,
+  within the stage's `training` context (`chain.build_chain` attaches them for
+  `compress.qat.boundary_bits`).
   """
 
 
@@ -308,6 +343,16 @@ def attach_boundary_quantizers(chain: nnx.Module, bits: int, *, symmetric: bool 
     out[name] = BoundaryQuantizer(bits, symmetric=symmetric, act_range=act_range, decay=decay)
     setattr(chain.stages[name], attribute, out[name])
   return out
+
+
+# Where `quantize` and `attach_boundary_quantizers` put activation quantizers: their variables (observer
+# state, LSQ scales) are the ones a float model lacks.
+QUANTIZER_ATTRIBUTES = ("input_quant", "out_quant")
+
+
+def is_quantizer_path(path: tuple) -> bool:
+  """Whether a variable path (plain keys, or a jax key path) lies inside an activation quantizer."""
+  return any(str(getattr(key, "key", getattr(key, "name", key))) in QUANTIZER_ATTRIBUTES for key in path)
 
 
 # --------------------------------------------------------------------------------------------
@@ -383,17 +428,30 @@ def _parse_int(value: str, text: str) -> int:
     raise ValueError(f"rule {text!r}: bits must be an int or none, got {value!r}") from None
 
 
-# The layer types `quantize` wraps, with the name of their weight and its output-channel axis.
-_WEIGHTS = {nnx.Linear: ("kernel", -1), nnx.Conv: ("kernel", -1), nnx.Embed: ("embedding", 0)}
+# The layer types `quantize` wraps, with the name of their weight and its output-channel axes (None: the
+# layer's own, see `_weight_of`).
+_WEIGHTS = {nnx.Linear: ("kernel", (-1,)), nnx.LinearGeneral: ("kernel", None), nnx.Conv: ("kernel", (-1,)),
+            nnx.Embed: ("embedding", (0,))}
+
+
+def _weight_of(layer: nnx.Module) -> tuple[str, tuple[int, ...]]:
+  """(name of the layer's weight, its output-channel axes): per-channel scales keep those axes."""
+  name, axes = _WEIGHTS[type(layer)]
+  if axes is None:  # LinearGeneral: kernel [*batch, *in_features, *out_features]; a batch index is its own kernel
+    n_batch, n_out = len(layer.batch_axis), len(layer.out_features)
+    ndim = n_batch + len(layer.in_features) + n_out
+    axes = tuple(range(n_batch)) + tuple(range(ndim - n_out, ndim))
+  return name, axes
 
 
 class QuantizedLayer(nnx.Module):
-  """A Linear, Conv or Embed layer whose weight (and, for Linear/Conv, input) is fake-quantized.
+  """A Linear, LinearGeneral, Conv or Embed layer whose weight (and, but for Embed, input) is fake-quantized.
 
   Holds the original layer's Variables under their original attribute names (so `q.kernel` is the
   original `nnx.Param` and parameter paths are unchanged) and the layer's graph definition; each call
   rebuilds the original layer with the fake-quantized weight and calls it with the caller's arguments,
-  so the computation is exactly the original layer's.
+  so the computation is exactly the original layer's (with the float weight and input within
+  `enabled(False)`).
   """
 
   def __init__(self, layer: nnx.Module, *, weight_bits: int | None, per_channel: bool = True,
@@ -402,7 +460,7 @@ class QuantizedLayer(nnx.Module):
       raise TypeError(f"can only quantize {', '.join(t.__name__ for t in _WEIGHTS)}, got {type(layer).__name__}")
     self.layer_def, state = nnx.split(layer)  # a static attribute: the original layer without its arrays
     self.layer_type = type(layer).__name__
-    self.weight_name, self.channel_axis = _WEIGHTS[type(layer)]
+    self.weight_name, self.channel_axis = _weight_of(layer)
     self.var_names = tuple(name for name, _ in nnx.iter_children(layer))
     if set(self.var_names) != set(state.keys()) or self.weight_name not in self.var_names:
       raise TypeError(f"{self.layer_type} has unexpected children {self.var_names}")
@@ -414,7 +472,7 @@ class QuantizedLayer(nnx.Module):
 
   def quantized_weight(self) -> jax.Array:
     w = getattr(self, self.weight_name)[...]
-    if self.weight_bits is None:
+    if self.weight_bits is None or not is_enabled():
       return w
     return quantize_weight(w, self.weight_bits, self.per_channel, self.channel_axis)
 
@@ -447,12 +505,13 @@ def _replace(model: nnx.Module, path: tuple, new: nnx.Module) -> None:
 
 
 def candidate_layers(model: nnx.Module) -> dict[str, nnx.Module]:
-  """The layers `quantize` can wrap (Linear, Conv, Embed; exact types), by module path string."""
+  """The layers `quantize` can wrap (Linear, LinearGeneral, Conv, Embed; exact types), by module path string."""
   return {path_str(path): m for path, m in nnx.iter_modules(model) if type(m) in _WEIGHTS}
 
 
 def quantize(model: nnx.Module, rules: Sequence[Rule]) -> nnx.Module:
-  """Wraps, IN PLACE, every Linear/Conv/Embed layer of `model` whose path a rule matches; returns `model`.
+  """Wraps, IN PLACE, every Linear/LinearGeneral/Conv/Embed layer of `model` whose path a rule matches; returns
+  `model`.
 
   The first rule whose `pattern` fully matches a layer's path (`path_str`) decides for it; a layer no
   rule matches, and a layer whose rule has weight_bits=None and act_bits=None, is left as it is (so
@@ -478,7 +537,7 @@ def quantize(model: nnx.Module, rules: Sequence[Rule]) -> nnx.Module:
         break
   for rule, hit in zip(rules, used):
     if not hit:
-      raise ValueError(f"quantization rule pattern {rule.pattern!r} matches no Linear/Conv/Embed layer; "
+      raise ValueError(f"quantization rule pattern {rule.pattern!r} matches no Linear/LinearGeneral/Conv/Embed layer; "
                        f"the layers are: {', '.join(layers) or '(none)'}")
   paths = {path_str(path): path for path, _ in nnx.iter_modules(model)}
   for name, layer, rule, act_bits in plan:
@@ -489,13 +548,30 @@ def quantize(model: nnx.Module, rules: Sequence[Rule]) -> nnx.Module:
   return model
 
 
+def weight_channel_axes(model: nnx.Module) -> dict[str, tuple[int, ...]]:
+  """The output-channel axes of every weight `quantize` handles, wrapped or not, by parameter path string
+  ("<layer path>/<weight name>", e.g. "stages/s1/body/layers/0/kernel"): what a per-channel scale keeps.
+  Post-training quantization (`compress.ptq`) takes its axes from here, so it uses QAT's grid."""
+  out = {}
+  for path, module in nnx.iter_modules(model):
+    if isinstance(module, QuantizedLayer):
+      name, axes = module.weight_name, module.channel_axis
+    elif type(module) in _WEIGHTS:
+      name, axes = _weight_of(module)
+    else:
+      continue
+    out[f"{path_str(path)}/{name}"] = tuple(axes)
+  return out
+
+
 def quantized_layers(model: nnx.Module) -> dict[str, QuantizedLayer]:
   """The `QuantizedLayer`s of `model`, by module path string."""
   return {path_str(path): m for path, m in nnx.iter_modules(model) if isinstance(m, QuantizedLayer)}
 
 
 __all__ = [
-    "ActQuantizer", "BoundaryQuantizer", "QuantStats", "QuantizedLayer", "Rule", "attach_boundary_quantizers",
-    "candidate_layers", "check_bits", "fake_quant", "int_range", "is_training", "path_str", "quantize",
-    "quantize_weight", "quantized_layers", "range_qparams", "scale_gradient", "training", "weight_scales",
+    "ActQuantizer", "BoundaryQuantizer", "QUANTIZER_ATTRIBUTES", "QuantStats", "QuantizedLayer", "Rule",
+    "attach_boundary_quantizers", "candidate_layers", "check_bits", "enabled", "fake_quant", "int_range",
+    "is_enabled", "is_quantizer_path", "is_training", "path_str", "quantize", "quantize_weight", "quantized_layers",
+    "range_qparams", "scale_gradient", "training", "weight_scales",
 ]
