@@ -484,7 +484,9 @@ class Experiment:
       try:
         restored = checkpointer.restore_latest(target, partial=params_only)
       except ValueError as e:  # the model or optimizer changed shape (only with --allow_config_change)
-        raise ConfigError("chain", f"the checkpoint does not fit this config: {e}") from None
+        # Quantizer variables in the difference: QAT was switched on or off (or its rules changed).
+        field = "compress.qat.rules" if any(q in str(e) for q in ("input_quant", "out_quant")) else "chain"
+        raise ConfigError(field, f"the checkpoint does not fit this config: {e}") from None
     finally:
       if own:
         checkpointer.close()

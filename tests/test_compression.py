@@ -118,6 +118,17 @@ def test_a_qat_checkpoint_with_a_float_config_is_one_error_and_writes_nothing(tr
   assert not os.path.exists(os.path.join(workdir, "compress"))
 
 
+def test_resuming_a_qat_checkpoint_as_float_training_names_the_qat_rules(trained_qat, tmp_path):
+  """Even with allow_config_change, the observers in the checkpoint do not fit a float chain: one error naming
+  compress.qat.rules, and the checkpoints stay as they were."""
+  workdir = _copy(trained_qat[0], tmp_path)
+  before = helpers.checkpoint_steps(workdir)
+  with pytest.raises(ConfigError) as error:
+    train.train_and_evaluate(_config(total_steps=80), workdir, allow_config_change=True)
+  assert error.value.field == "compress.qat.rules" and "input_quant" in str(error.value)
+  assert helpers.checkpoint_steps(workdir) == before
+
+
 @pytest.mark.parametrize("field,value,expected", [
     ("compress.ptq_bits", (9,), "compress.ptq_bits: widths must be in 2..8, got 9"),
     ("compress.ptq_bits", (), "compress.ptq_bits: is empty"),
