@@ -437,3 +437,13 @@ def test_pruning_config_is_checked_against_the_run(overrides, field):
   with pytest.raises(config_lib.ConfigError) as info:
     experiment.validate(config, num_devices=1)
   assert info.value.field == field, str(info.value)
+
+
+@pytest.mark.parametrize("count", [0, 1, 999, 1000, 2500, 3000, 3001, 30000, 65535, 65536])
+def test_keep_top_is_the_stable_argsort_mask(count):
+  """The bisection finds exactly the mask of a stable sort, ties (equal magnitudes, pruned -1s) by index."""
+  scores = jnp.abs(jax.random.normal(jax.random.key(0), (65536,))).at[:1000].set(0.5).at[1000:3000].set(-1.0)
+  order = np.argsort(np.asarray(scores), kind="stable")
+  expected = np.ones(65536, bool)
+  expected[order[:count]] = False
+  np.testing.assert_array_equal(jax.jit(prune._keep_top)(scores, jnp.int32(count)), expected)
