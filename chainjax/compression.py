@@ -14,8 +14,9 @@ else the eval split):
     use them, which this mode does not do yet).
 
 The integer parameters are written with Orbax to `W/compress/int<b>/` (values, scales, and the float
-biases), tagged with the training step they come from; a later `--mode=compress` on the same
-checkpoint reads them instead of quantizing again. `W/compress/report.json` holds, per stage and in
+biases), tagged with the step and the `fingerprint` of the float parameters they come from; a later
+`--mode=compress` on the same parameters reads them instead of quantizing again (other parameters, e.g.
+after training on, replace them). `W/compress/report.json` holds, per stage and in
 total, the parameter bytes in float32, int8, int4 and sparse form, the sparsity, and every variant's
 metrics. With `config.compress.sensitivity`, each stage is also quantized alone (each of `ptq_bits`)
 and pruned alone (one-shot, layer-wise, each of `sensitivity_sparsity`), and the drop of the headline
@@ -27,6 +28,8 @@ config whose QAT setting differs from the checkpoint's is one error naming what 
 
 from __future__ import annotations
 
+import hashlib
+import io
 import json
 import os
 import time
@@ -34,9 +37,11 @@ from typing import Any, Callable
 
 import jax
 import ml_collections
+import numpy as np
 from absl import logging
 from etils import epath
 from flax import nnx
+from jax.experimental import multihost_utils
 
 from chainjax import chain as chain_lib
 from chainjax import checkpoint as checkpoint_lib
@@ -129,27 +134,47 @@ def headline(metrics: dict[str, float], split: str) -> str:
   return f"{split}/loss"
 
 
-def _quantized(exp: experiment_lib.Experiment, workdir: str, step: int, params, bits: int, axes: ptq.Axes):
-  """The integer parameters of `params` (the checkpoint at `step`), read from `W/compress/int<bits>` when
-  they were saved from that step, else quantized and saved there."""
-  directory = os.path.join(workdir, COMPRESS_DIR, f"int{bits}")
+def fingerprint(host_params: Any) -> str:
+  """SHA-256 of a parameter tree's paths, dtypes, shapes and bytes: which float model integers come from."""
+  digest = hashlib.sha256()
+  for path, leaf in jax.tree.leaves_with_path(host_params):
+    leaf = np.ascontiguousarray(leaf)
+    digest.update(f"{jax.tree_util.keystr(path)}:{leaf.dtype}:{leaf.shape};".encode())
+    digest.update(leaf.tobytes())
+  return digest.hexdigest()
+
+
+def _quantized(exp: experiment_lib.Experiment, workdir: str, step: int, params, source: str, bits: int,
+               axes: ptq.Axes):
+  """The integer parameters of `params` (the checkpoint at `step`, whose `fingerprint` is `source`): read from
+  `W/compress/int<bits>` when they were saved from exactly these parameters, else quantized and saved there
+  (replacing the integers of an earlier model)."""
+  directory = epath.Path(workdir) / COMPRESS_DIR / f"int{bits}"
   abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=exp.replicated),
                           ptq.abstract_quantized(params, bits, axes=axes))
-  if epath.Path(directory).exists():
+  restored = None
+  if directory.exists():
     reader = checkpoint_lib.Checkpointer(directory, read_only=True)
     try:
       restored = reader.restore_latest(abstract)
-    except ValueError:  # another model's integers: quantize again
+    except ValueError:  # another model's integers (other shapes)
       restored = None
     finally:
       reader.close()
-    if restored is not None and restored[0] == step and restored[2].get("bits") == bits:
-      logging.info("Read the int%d parameters of step %d from %s.", bits, step, directory)
-      return restored[1]
+  # Every process has decided from the same files before any of them writes.
+  multihost_utils.sync_global_devices(f"chainjax-compress-int{bits}-read")
+  if restored is not None and restored[2].get("source") == source and restored[2].get("bits") == bits:
+    logging.info("Read the int%d parameters of step %d from %s.", bits, step, directory)
+    return restored[1]
+  if directory.exists():
+    if jax.process_index() == 0:
+      logging.info("Replacing %s: its integers come from other parameters.", directory)
+      directory.rmtree()
+    multihost_utils.sync_global_devices(f"chainjax-compress-int{bits}-cleared")
   qparams = jax.jit(lambda p: ptq.quantize_params(p, bits, axes=axes), out_shardings=exp.replicated)(params)
   writer = checkpoint_lib.Checkpointer(directory, max_to_keep=1)
   try:
-    writer.save(step, qparams, {"bits": bits, "source_step": step, "per_channel": True,
+    writer.save(step, qparams, {"bits": bits, "source_step": step, "source": source, "per_channel": True,
                                 "packed_two_per_byte": bits <= ptq.PACKED_MAX_BITS}, force=True)
     writer.wait_until_finished()
   finally:
@@ -190,7 +215,7 @@ def _drop(metric: str, reference: float, value: float) -> float:
   return value - reference if metric.endswith("/loss") else reference - value
 
 
-def plot_sensitivity(rows: list[dict], metric: str, path: str) -> None:
+def plot_sensitivity(rows: list[dict], metric: str, path: "str | epath.Path") -> None:
   """Two panels of grouped bars, one group per stage and one bar per setting: the drop of `metric`, and
   the increase of the loss, with only that stage compressed."""
   import matplotlib  # pylint: disable=import-outside-toplevel
@@ -214,10 +239,12 @@ def plot_sensitivity(rows: list[dict], metric: str, path: str) -> None:
     ax.set_ylabel(label)
   axes[1].legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.0, 1.0), title="setting")
   fig.tight_layout()
-  tmp = f"{path}.tmp.png"
-  fig.savefig(tmp)
+  png = io.BytesIO()
+  fig.savefig(png, format="png")
   plt.close(fig)
-  os.replace(tmp, path)
+  tmp = epath.Path(f"{path}.tmp")
+  tmp.write_bytes(png.getvalue())  # then renamed: a reader never sees half a file (also on gs://)
+  tmp.replace(path)
 
 
 def compress(config: ml_collections.ConfigDict, workdir: str, heartbeat: Callable[[], None] = lambda: None) -> dict:
@@ -231,6 +258,8 @@ def compress(config: ml_collections.ConfigDict, workdir: str, heartbeat: Callabl
   step, state, _ = restored
   split, batches = _held_out(float_exp)
   axes = ptq.axes_of(quant.weight_channel_axes(nnx.merge(float_exp.graphdef, state.params, state.rest)))
+  host_params = experiment_lib.host_arrays(state.params)
+  source = fingerprint(host_params)
 
   def evaluate(state, exp=float_exp):
     return exp.evaluate(state, batches(), prefix=split, heartbeat=heartbeat)
@@ -241,13 +270,13 @@ def compress(config: ml_collections.ConfigDict, workdir: str, heartbeat: Callabl
     qat_exp = experiment_lib.Experiment(config, workdir=workdir)
     metrics["qat"] = evaluate(qat_exp.restore(workdir, params_only=True)[1], qat_exp)
   for bits in config.compress.ptq_bits:
-    qparams = _quantized(float_exp, workdir, step, state.params, bits, axes)
+    qparams = _quantized(float_exp, workdir, step, state.params, source, bits, axes)
     params = jax.jit(lambda q, bits=bits: ptq.dequantize_params(q, state.params, bits),
                      out_shardings=float_exp.state_shardings.params)(qparams)
     metrics[f"ptq_int{bits}"] = evaluate(state._replace(params=params))
-  stages = ptq.stage_bytes(jax.device_get(state.params), axes)
+  stages = ptq.stage_bytes(host_params, axes)
   report = {
-      "workdir": os.path.abspath(workdir), "step": step, "split": split, "metric": metric,
+      "workdir": workdir if "://" in workdir else os.path.abspath(workdir), "step": step, "source": source, "split": split, "metric": metric,
       "weights": "integers with per-output-channel float32 scales, dequantized on the device before evaluation; "
                  "float32 matmuls (no integer matmul: PTQ activations are float); int4 packed two per byte",
       "stages": stages, "total": ptq.total_bytes(stages), "metrics": metrics,
@@ -259,7 +288,7 @@ def compress(config: ml_collections.ConfigDict, workdir: str, heartbeat: Callabl
     out = epath.Path(workdir) / COMPRESS_DIR
     out.mkdir(parents=True, exist_ok=True)
     if "sensitivity" in report:
-      plot_sensitivity(report["sensitivity"], metric, os.fspath(out / PLOT))
+      plot_sensitivity(report["sensitivity"], metric, out / PLOT)
     tmp = out / f"{REPORT}.tmp"
     tmp.write_text(json.dumps(report, indent=2, sort_keys=True))
     tmp.replace(out / REPORT)
@@ -282,7 +311,7 @@ def summary(report: dict) -> str:
            f"  {'variant':<10} {metric:>16} {'drop':>8} {'bytes':>12} {'x float32':>10}"]
   for name, values in metrics.items():
     nbytes = total[bytes_form(name)]
-    drop = metrics["float"][metric] - values[metric]
+    drop = _drop(metric, metrics["float"][metric], values[metric])
     lines.append(f"  {name:<10} {values[metric]:>16.4f} {drop:>8.4f} {nbytes:>12,.0f} {nbytes / float_bytes:>10.3f}")
   lines.append(f"  sparse form: {total['sparse']:,} bytes ({total['sparse'] / float_bytes:.3f}x float32), "
                f"sparsity {total['sparsity']:.3f}")
@@ -292,4 +321,4 @@ def summary(report: dict) -> str:
   return "\n".join(lines)
 
 
-__all__ = ["bytes_form", "compress", "has_qat", "headline", "plot_sensitivity", "summary", "validate"]
+__all__ = ["bytes_form", "compress", "fingerprint", "has_qat", "headline", "plot_sensitivity", "summary", "validate"]

@@ -270,6 +270,8 @@ def check_schema(config, schema, prefix: str = "", *, complete: bool = False,
                           f"{value!r} ({type_name(value)})")
       check_schema(value, default, field + ".", complete=complete, skip=skip)
     elif not has_type(value, default):
+      if isinstance(default, (tuple, list)) and default and isinstance(value, (tuple, list)):
+        raise ConfigError(field, f"entries must be of type {type_name(default[0])}, got {value!r}")
       raise ConfigError(field, f"must be of type {type_name(default)}, got {value!r} ({type_name(value)})")
     elif isinstance(default, float) and not math.isfinite(value):  # nan compares False, inf passes lower bounds
       raise ConfigError(field, f"must be a finite number, got {value!r}")

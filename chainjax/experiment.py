@@ -485,7 +485,7 @@ class Experiment:
         restored = checkpointer.restore_latest(target, partial=params_only)
       except ValueError as e:  # the model or optimizer changed shape (only with --allow_config_change)
         # Quantizer variables in the difference: QAT was switched on or off (or its rules changed).
-        field = "compress.qat.rules" if any(q in str(e) for q in ("input_quant", "out_quant")) else "chain"
+        field = "compress.qat.rules" if any(q in str(e) for q in quant.QUANTIZER_ATTRIBUTES) else "chain"
         raise ConfigError(field, f"the checkpoint does not fit this config: {e}") from None
     finally:
       if own:
@@ -564,7 +564,7 @@ class Experiment:
     count = float(sums.pop("count"))
     metrics = {k: float(v) / count for k, v in sums.items()}
     for name, parts in scores.items():
-      logits, labels, mask = _host_arrays(tuple(jnp.concatenate([p[j] for p in parts]) for j in range(3)))
+      logits, labels, mask = host_arrays(tuple(jnp.concatenate([p[j] for p in parts]) for j in range(3)))
       metrics[f"{name}/auc"] = metrics_lib.roc_auc(logits, labels, mask)
     return with_headline(metrics, prefix, self.num_stages)
 
@@ -574,7 +574,7 @@ def _names(path) -> tuple[str, ...]:
   return tuple(str(getattr(key, "key", getattr(key, "name", getattr(key, "idx", key)))) for key in path)
 
 
-def _host_arrays(tree: Any) -> Any:
+def host_arrays(tree: Any) -> Any:
   """A pytree of global arrays' values on every process (gathered from the other processes on multi-host)."""
   if jax.process_count() > 1:
     return jax.tree.map(np.asarray, multihost_utils.process_allgather(tree, tiled=True))

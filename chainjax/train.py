@@ -224,6 +224,12 @@ class TrainClock:
     self.seconds, self.steps, self._t0 = 0.0, 0, None
 
 
+def _stopper(config: ml_collections.ConfigDict, saved: dict | None = None) -> EarlyStopping:
+  """Early stopping as `config.early_stopping` says, continuing from a checkpoint's `saved` state."""
+  return EarlyStopping(config.early_stopping.metric, config.early_stopping.mode, config.early_stopping.patience,
+                       config.early_stopping.min_delta, **(saved or {}))
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                        heartbeat: Callable[[], None] = lambda: None,
                        allow_config_change: bool = False) -> dict[str, float]:
@@ -269,8 +275,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   config_json, config_hash = config_record(config)
   loop = LoopState(
       step=int(jax.device_get(state.step)),
-      stopper=EarlyStopping(config.early_stopping.metric, config.early_stopping.mode, config.early_stopping.patience,
-                            config.early_stopping.min_delta, **meta.get("early_stopping", {})),
+      stopper=_stopper(config, meta.get("early_stopping", {})),
       final_metrics=dict(meta.get("final_metrics") or {}),
       reference_loss=meta.get("reference_loss"),
       phase_skipped_base=meta.get("phase_skipped_base", 0),
@@ -318,8 +323,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
           state = exp.enter_phase(state, new_phase)
           loop.phase_skipped_base = int(jax.device_get(precision.skipped_steps(state.opt_state)))
           loop.reference_loss = None  # each phase trains another loss: divergence is measured within it
-        if new_phase.quantized and not phase.quantized:
-          logging.info("Quantization-aware training from update %d on (compress.qat.start_step).", loop.step)
+        if loop.step == exp.qat_start > 0:  # the float model's evals set no bar for the quantized one
+          logging.info("Quantization-aware training from update %d on (compress.qat.start_step); early stopping "
+                       "and the divergence check start over.", loop.step)
+          loop.stopper = _stopper(config)
+          loop.reference_loss = None
         phase = new_phase
         first_call = (phase.index, phase.quantized) not in compiled
         if first_call:  # compiling is not training time
@@ -369,7 +377,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
             state = state._replace(opt_state=jax.device_put(
                 optim_lib.report_eval_metric(state.opt_state, record[config.optim.plateau_metric]),
                 exp.state_shardings.opt_state))
-          stop = loop.stopper.update(step, record)
+          stop = loop.stopper.update(step, record) and step > exp.qat_start  # never before QAT has trained
           if (stop or last) and hasattr(task, "test_iterator"):  # the test split, once, with the final parameters
             test_batches = task.test_iterator(config.eval_batch_size, shard)
             if test_batches is not None:

@@ -154,3 +154,20 @@ def test_cli_without_a_checkpoint_exits_2_with_one_line_and_creates_nothing(tmp_
   assert not workdir.exists()
   with pytest.raises(WorkdirError):
     compression.compress(_config(), str(workdir))
+
+
+def test_integers_of_other_parameters_are_replaced_not_read(trained, tmp_path):
+  """The saved integers are keyed by the float parameters' fingerprint: after the checkpoint changes at the same
+  step (here: its parameters scaled), PTQ quantizes the new parameters again and replaces the old integers."""
+  workdir = _copy(trained[0], tmp_path)
+  first = compression.compress(_config(), workdir)
+  other = str(tmp_path / "other")
+  train.train_and_evaluate(_config(seed=1), other)  # another model, same shapes, same step
+  shutil.rmtree(os.path.join(workdir, "checkpoints"))
+  shutil.copytree(os.path.join(other, "checkpoints"), os.path.join(workdir, "checkpoints"))
+  again = compression.compress(_config(seed=1), workdir)
+  assert again["source"] != first["source"] and again["step"] == first["step"]
+  assert again["metrics"]["ptq_int8"] != first["metrics"]["ptq_int8"]
+  fresh = compression.compress(_config(seed=1), other)  # the same parameters, quantized in a workdir of their own
+  assert fresh["metrics"]["ptq_int8"] == again["metrics"]["ptq_int8"]
+  assert fresh["metrics"]["ptq_int4"] == again["metrics"]["ptq_int4"]

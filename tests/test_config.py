@@ -162,6 +162,7 @@ BAD_VALUES = [
     ("compress.qat.boundary_bits", 9, "config.compress.qat.boundary_bits: must be 0 (float) or in 2..8, got 9"),
     ("compress.ptq_bits", (8, 9), "config.compress.ptq_bits: widths must be in 2..8, got 9"),
     ("compress.ptq_bits", (), "config.compress.ptq_bits: is empty"),
+    ("compress.ptq_bits", (4.5,), "config.compress.ptq_bits: entries must be of type int, got (4.5,)"),
     ("compress.ptq_bits", (4, 4), "config.compress.ptq_bits: names a width twice"),
     ("compress.sensitivity", 1, "config.compress.sensitivity: must be of type bool"),
     ("compress.sensitivity_sparsity", (0.5, 1.0), "config.compress.sensitivity_sparsity: sparsities must be in [0, 1)"),

@@ -237,3 +237,15 @@ def test_bad_init_from_is_one_config_line(float_run, tmp_path):
   assert f"the checkpoint in {float_run} does not fit this config" in str(info.value)
   assert "shape (16, 16) saved vs (16, 32) target" in str(info.value)
   assert not (tmp_path / "wider" / "config.json").exists()
+
+
+def test_early_stopping_waits_for_qat_and_starts_over_with_it(tmp_path):
+  """With a bar no eval can clear (min_delta 10) and patience 1, a float run stops at its second eval; with
+  start_step 20 the run trains on to QAT, and early stopping counts from the first quantized eval."""
+  stopping = {"early_stopping.metric": "eval/loss", "early_stopping.mode": "min", "early_stopping.patience": 1,
+              "early_stopping.min_delta": 10.0, "eval_every": 5, "checkpoint_every": 40, "total_steps": 40}
+  float_run = train.train_and_evaluate(_config(**stopping), str(tmp_path / "float"))
+  assert float_run["step"] == 10
+  qat_run = train.train_and_evaluate(
+      _config(**stopping, **{"compress.qat.rules": RULES, "compress.qat.start_step": 20}), str(tmp_path / "qat"))
+  assert qat_run["step"] == 30  # eval 25 sets QAT's bar, eval 30 misses it

@@ -10,8 +10,9 @@ the bytes of int8. `dequantize_params` turns the tree back into float32 paramete
 shapes. The tree of `QuantizedTensor`s holds only arrays, so Orbax saves and restores it as it is.
 
 Why: the deployed form of a chain. The QAT transform (`compress.quant`) trains with fake-quantized
-weights on the same grid with the same per-channel scales, so a QAT-trained kernel quantizes here
-with no further rounding error.
+weights on the same grid with the same per-channel scales (`axes_of(quant.weight_channel_axes(model))`
+gives its channel axes per layer), so a kernel trained with a per-channel rule of the same width
+quantizes here with no further rounding error.
 
 `tree_bytes` and `stage_bytes` count the bytes of a parameter tree in float32, int8, int4 (scales
 included) and sparse form (the float32 nonzeros plus a one-bit mask per weight), per chain stage.
@@ -40,7 +41,7 @@ def _is_weight(path, leaf) -> bool:
 
 def _names(path) -> list[str]:
   """A key path's names, without the `.value` an nnx.Variable adds at the end."""
-  names = [str(getattr(k, "key", getattr(k, "name", k))) for k in path]
+  names = [str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path]
   return names[:-1] if names and names[-1] == "value" and not isinstance(path[-1], jax.tree_util.DictKey) else names
 
 
