@@ -75,6 +75,42 @@ def test_sigkill_during_save_and_mid_run_then_resume_is_bit_identical(tmp_path):
   assert_trees_equal(ref["tree"], got["tree"])
 
 
+QAT_ARGS = ["--config=configs/default.py:runlocal", "--config.total_steps=200", "--config.checkpoint_every=10",
+            "--config.eval_every=100", "--config.log_every=50", "--config.compress.qat.rules=('stages/level2/.* w=4 a=8',)",
+            "--config.compress.qat.boundary_bits=8", "--config.compress.qat.start_step=50"]
+
+
+@pytest.mark.slow
+def test_qat_run_sigkilled_after_qat_started_resumes_bit_identical(tmp_path):
+  """QAT with float updates first, int4 weights in one stage and 8-bit stage outputs: killed after QAT has
+  run for a while, resumed, it ends with the parameters AND the observers of an uninterrupted run."""
+  run = lambda workdir: [sys.executable, "-m", "chainjax.main", *QAT_ARGS, f"--workdir={workdir}"]
+  reference = tmp_path / "reference"
+  proc = subprocess.run(run(reference), cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  workdir = tmp_path / "killed"
+  proc = subprocess.Popen(run(workdir), cwd=REPO, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                          text=True)
+  assert _kill_when(proc, lambda: os.path.isdir(workdir / "checkpoints") and (checkpoint_steps(workdir) or [0])[-1]
+                    >= 100)
+  assert checkpoint_steps(workdir)[-1] < 200
+  proc = subprocess.run(run(workdir), cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0 and "Resumed from" in proc.stderr, proc.stderr[-3000:]
+  ref, got = final_state(reference), final_state(workdir)
+  assert ref["step"] == got["step"] == 200
+  assert_trees_equal(ref["tree"], got["tree"])
+  counts = [v for path, v in _leaves(got["tree"]["rest"]) if "count" in path]
+  assert len(counts) == 2 + 3 and all(int(c) == 150 for c in counts)  # level2's 2 layers, 3 stage outputs
+
+
+def _leaves(tree, prefix=()):
+  if isinstance(tree, dict):
+    for k, v in tree.items():
+      yield from _leaves(v, prefix + (str(k),))
+  else:
+    yield prefix, tree
+
+
 def _fashion_mnist_data_dir(tmp_path) -> str:
   """Where Fashion-MNIST is prepared: the TFDS default if it is there, else prepared here from
   Debian's files (about 20 s)."""

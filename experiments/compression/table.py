@@ -65,7 +65,7 @@ def targets(reports: dict[str, dict], metric: str) -> list[str]:
   out = []
   if need("float"):
     base = trained_metric(reports["float"])
-    ptq4 = reports["float"]["metrics"]["ptq_int4"][metric]
+    ptq4 = reports["float"]["metrics"].get("ptq_int4", {}).get(metric, float("nan"))
     if need("qat_int8"):
       gap = base - trained_metric(reports["qat_int8"])
       out.append(check("int8 QAT within 0.3 points of float", gap <= 0.003, f"{points(-gap)} points"))
