@@ -32,6 +32,12 @@ for task in $TASKS; do
   run "$W/$task/float" "$config" "${base[@]}"
   run "$W/$task/qat_int8" "$config" "${base[@]}" --config.compress.qat.rules='("stages/.* w=8 a=8",)'
   run "$W/$task/qat_int4" "$config" "${base[@]}" --config.compress.qat.rules='("stages/.* w=4 a=8",)'
+  if [ "$task" = lstm ]; then  # QAT fine-tuning of the float run: 1 epoch from its parameters (compress.init_from)
+    for b in 8 4; do
+      run "$W/$task/qat_int${b}_ft" "$config" --config.num_epochs=1 --config.early_stopping.metric= \
+        --config.compress.init_from="$W/$task/float" --config.compress.qat.rules="(\"stages/.* w=$b a=8\",)"
+    done
+  fi
   # Gradual (Zhu & Gupta 2017): from 0 at update 0 to the target at prune_end, masks every 100 updates.
   for s in 80 90; do
     run "$W/$task/prune${s}" "$config" "${base[@]}" --config.compress.prune.sparsity=0.$s \
