@@ -157,6 +157,14 @@ def base_config() -> ml_collections.ConfigDict:
   c.compress.prune.scope = "layerwise"  # layerwise: each kernel reaches the target | global: a stage's kernels together
   c.compress.prune.n_m = ""  # e.g. "2:4": keep N of every M weights along the input axis (N:M structured)
 
+  # Inference (chainjax.predict, chainjax.export): early exit through the chain's own heads. An example leaves
+  # the chain at the first stage whose head's confidence (the max softmax probability, or the sigmoid margin
+  # |2p - 1| of a binary head, the smallest over its labels) is >= that stage's threshold; 1.0 = that stage
+  # never exits. Only heads that answer the last stage's task (the same label shape and classes) can exit.
+  c.inference = ml_collections.ConfigDict()
+  c.inference.exit_threshold = 1.0  # every stage before the last; 1.0 = no early exit
+  c.inference.stage_exit_threshold = ()  # one threshold per stage before the last; empty = `exit_threshold`
+
   c.mesh = ml_collections.ConfigDict()
   c.mesh.model = 1  # devices per model replica (the `model` mesh axis); data axis = devices / model
 
@@ -212,7 +220,8 @@ _NON_NEGATIVE = ("seed", "divergence_factor", "data.seed", "data.num_threads", "
 _SEEDS = ("seed", "data.seed")
 MAX_SEED = 2**32 - 1
 _NUMBER_TUPLES = ("chain.loss_weights", "chain.phase_steps", "optim.boundaries", "optim.scales",
-                  "compress.prune.stage_sparsity", "compress.ptq_bits", "compress.sensitivity_sparsity")
+                  "compress.prune.stage_sparsity", "compress.ptq_bits", "compress.sensitivity_sparsity",
+                  "inference.stage_exit_threshold")
 MIN_BITS, MAX_BITS = 2, 8  # the integer widths of chainjax.compress (quant.MIN_BITS, quant.MAX_BITS)
 
 
@@ -306,6 +315,20 @@ def _check_compress(compress: ml_collections.ConfigDict) -> None:
       raise ConfigError("compress.sensitivity_sparsity", f"sparsities must be in [0, 1), got {sparsity!r}")
 
 
+def _check_inference(config: ml_collections.ConfigDict) -> None:
+  """The early-exit thresholds: in [0, 1], one per stage before the last."""
+  inference, n = config.inference, len(config.chain.stages)
+  if not 0.0 <= inference.exit_threshold <= 1.0:
+    raise ConfigError("inference.exit_threshold", f"must be in [0, 1] (1.0 = no early exit), got "
+                      f"{inference.exit_threshold!r}")
+  thresholds = tuple(inference.stage_exit_threshold)
+  if thresholds and len(thresholds) != n - 1:
+    raise ConfigError("inference.stage_exit_threshold", f"has {len(thresholds)} entries: give one per stage before "
+                      f"the last ({n - 1}), or none")
+  if any(not 0.0 <= t <= 1.0 for t in thresholds):
+    raise ConfigError("inference.stage_exit_threshold", f"thresholds must be in [0, 1], got {thresholds}")
+
+
 def validate(config: ml_collections.ConfigDict, num_devices: int = 1) -> None:
   """Raises `ConfigError` for the first field that is unknown, mistyped or out of its range.
 
@@ -339,6 +362,7 @@ def validate(config: ml_collections.ConfigDict, num_devices: int = 1) -> None:
     if _get(config, field) > MAX_SEED:
       raise ConfigError(field, f"must be in [0, {MAX_SEED}], got {_get(config, field)!r}")
   _check_compress(config.compress)
+  _check_inference(config)
   if 0 < config.divergence_factor <= 1:
     raise ConfigError("divergence_factor", f"must be > 1 (or 0 = off), got {config.divergence_factor!r}")
   if config.batch_size % num_devices:

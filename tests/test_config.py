@@ -167,6 +167,12 @@ BAD_VALUES = [
     ("compress.sensitivity", 1, "config.compress.sensitivity: must be of type bool"),
     ("compress.sensitivity_sparsity", (0.5, 1.0), "config.compress.sensitivity_sparsity: sparsities must be in [0, 1)"),
     ("compress.sensitivity_sparsity", (-0.5,), "config.compress.sensitivity_sparsity: sparsities must be in [0, 1)"),
+    ("inference.exit_threshold", 1.5, "config.inference.exit_threshold: must be in [0, 1] (1.0 = no early exit)"),
+    ("inference.exit_threshold", -0.1, "config.inference.exit_threshold: must be in [0, 1]"),
+    ("inference.stage_exit_threshold", (0.9,), "config.inference.stage_exit_threshold: has 1 entries: give one per "
+     "stage before the last (2), or none"),
+    ("inference.stage_exit_threshold", (0.9, 1.1), "config.inference.stage_exit_threshold: thresholds must be in "
+     "[0, 1], got (0.9, 1.1)"),
     ("optim.optimizer", "rmsprop", "config.optim.optimizer: 'rmsprop' is not one of: adam, adamw, sgd, lamb, "
      "adafactor, lion"),
     ("optim.learning_rate", 0.0, "config.optim.learning_rate: must be > 0, got 0.0"),

@@ -1,0 +1,394 @@
+"""Inference on a trained workdir: `Predictor.from_workdir(W)(inputs)` -> every head's probabilities.
+
+What: `Predictor.from_workdir(W, step=None, weights="float")` rebuilds the run from its own resolved
+config (`W/config.json`, validated by `experiment.Experiment`) and restores only the parameters (and
+BatchNorm statistics, QAT observers) of the newest good checkpoint, or of `step`. `weights="int8"`
+(any `int<b>` that `--mode=compress` wrote) uses the post-training quantized integers of
+`W/compress/int<b>/`, dequantized on the device, on the float chain, as `--mode=compress` evaluates them.
+Calling the predictor on a batch (a numpy array shaped like the task's inputs; for text models a list
+of strings, encoded with the run's vocabulary `W/vocab.json`, `max_len`, padding and truncation; for
+image datasets also raw uint8 images, scaled as the run's pipeline does) returns a `Prediction`: each
+head's probabilities (softmax for a multi-class head, sigmoid for a binary one) and the last head's
+classes. The workdir is only read: nothing is created, written or moved in it.
+
+Why this shape: serving sees requests of any size, and `jax.jit` compiles once per input shape. A
+request is padded to one of a few bucket sizes (the data-axis size of the run's mesh times a power of
+two, up to `max_batch`; larger requests go in chunks of `max_batch`), and each bucket's program is
+compiled ahead of time once (`compiled_sizes`), so no request size recompiles after its bucket has
+been seen. The probabilities come from the same chain, mode, precision policy and quantization switch
+as the run's evaluation (`experiment.make_eval_step`), so the classes reproduce `eval/accuracy`.
+
+    predictor = predict.Predictor.from_workdir("runs/default")
+    out = predictor(inputs)                  # inputs: float32 [N, 64]
+    out.classes, out.probabilities, out.stages["level1"]
+
+Bad input is one `ValueError` naming what is wrong (a `ConfigError`, also a ValueError, for a config
+that no longer validates): a workdir without a config or checkpoint, integer weights that
+`--mode=compress` has not written (or wrote for other parameters), a batch of the wrong shape or
+dtype, an empty batch.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import re
+from collections.abc import Sequence
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from etils import epath
+from flax import nnx
+
+from chainjax import checkpoint as checkpoint_lib
+from chainjax import compression
+from chainjax import data as data_lib
+from chainjax import experiment as experiment_lib
+from chainjax.compress import ptq
+from chainjax.compress import quant
+from chainjax.data import tfds_data
+from chainjax.errors import ConfigError
+
+CONFIG_FILE = "config.json"
+OUTPUT_PREFIX = "probabilities_"  # `probabilities_<stage>`: one output per head (`Predictor.outputs`)
+
+
+def confidence(probabilities: jax.Array, binary: bool) -> jax.Array:
+  """[N] in [0, 1]: a head's confidence in its answer, which early exit compares with the stage's threshold.
+
+  The max softmax probability of a multi-class head (class axis last), the sigmoid margin |2p - 1| of a
+  binary one; a head with several labels per example is as confident as its least confident label.
+  """
+  c = jnp.abs(2.0 * probabilities - 1.0) if binary else jnp.max(probabilities, axis=-1)
+  return jnp.min(c.reshape(c.shape[0], -1), axis=1) if c.ndim > 1 else c
+
+
+def exit_thresholds(config: ml_collections.ConfigDict, specs) -> dict[int, float]:
+  """{stage index: threshold} of the stages an example may exit at (`config.inference`; the last stage is
+  where every other example ends): those with a threshold below 1.0. Such a stage needs a head that answers
+  the last stage's task (the same label shape and classes); otherwise one `ConfigError` names the field."""
+  stages, n = config.chain.stages, len(config.chain.stages)
+  per_stage = tuple(config.inference.stage_exit_threshold) or (config.inference.exit_threshold,) * (n - 1)
+  field = ("inference.stage_exit_threshold" if config.inference.stage_exit_threshold
+           else "inference.exit_threshold")
+  out = {}
+  for i, threshold in enumerate(per_stage):
+    if threshold >= 1.0:
+      continue
+    if not stages[i].head.enabled or specs[i] != specs[-1]:
+      if config.inference.stage_exit_threshold:
+        why = ("has no head" if not stages[i].head.enabled else
+               f"predicts {specs[i].name!r}, not the last stage's {specs[-1].name!r} (another task)")
+        raise ConfigError(field, f"stage {stages[i].name} {why}; its threshold must be 1.0 (no exit)")
+      continue  # one threshold for the chain: the stages that answer the last task
+    out[i] = float(threshold)
+  return out
+
+
+def _expand(mask: jax.Array, ndim: int) -> jax.Array:
+  return mask.reshape(mask.shape + (1,) * (ndim - mask.ndim))
+
+
+def load_config(workdir: str) -> ml_collections.ConfigDict:
+  """The resolved config a run wrote to `W/config.json`, as the ConfigDict it was (not validated here).
+
+  JSON has no tuples and no ConfigDicts inside lists: a list of objects (`chain.stages`) becomes a list
+  of ConfigDicts, every other list a tuple, as the config files write them.
+  """
+  path = epath.Path(workdir) / CONFIG_FILE
+  if not path.is_file():
+    raise ValueError(f"{path} does not exist: {workdir} is not the workdir of a chainjax run")
+  try:
+    data = json.loads(path.read_text())
+  except (ValueError, OSError) as e:
+    raise ValueError(f"{path} is not a readable JSON config: {str(e).splitlines()[0]}") from None
+
+  def convert(value):
+    if isinstance(value, dict):
+      return ml_collections.ConfigDict({k: convert(v) for k, v in value.items()})
+    if isinstance(value, list):
+      items = [convert(v) for v in value]
+      return items if any(isinstance(v, ml_collections.ConfigDict) for v in items) else tuple(items)
+    return value
+
+  return convert(data)
+
+
+class Prediction(NamedTuple):
+  """What a `Predictor` returns for N inputs, as numpy arrays.
+
+  `stages`: stage name -> that head's probabilities [N, *logits shape], in chain order: softmax over the
+  class axis (last) of a multi-class head, the sigmoid of each logit of a binary head; a stage without a
+  head is absent. `classes` [N, *label shape] int32: the prediction of the head the example exits at (the
+  last head without early exit): the most probable class, or 1 where the logit is > 0 (probability > 0.5),
+  as `eval/accuracy` counts it.
+  `probabilities`: the last head's probabilities (`stages[<last stage>]`). `exit_stages` [N] int32: the
+  stage (1-based) whose head gave `classes` (`config.inference.exit_threshold`; the last without early exit).
+  """
+
+  stages: dict[str, np.ndarray]
+  classes: np.ndarray
+  probabilities: np.ndarray
+  exit_stages: np.ndarray
+
+
+class _OneStep:
+  """An Orbax CheckpointManager that lists only `step`: `Experiment.restore` through it restores that step
+  (with every check of a restore) or nothing."""
+
+  def __init__(self, manager, step: int):
+    self._manager, self._step = manager, step
+
+  def all_steps(self, *args, **kwargs):
+    return [s for s in self._manager.all_steps(*args, **kwargs) if s == self._step]
+
+  def __getattr__(self, name):
+    return getattr(self._manager, name)
+
+
+def _steps(workdir: str) -> list[int]:
+  directory = epath.Path(workdir) / "checkpoints"
+  return sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit()) if directory.is_dir() else []
+
+
+def _bits(weights: str) -> int:
+  """0 for "float", b for "int<b>" (b in 2..8, the widths `--mode=compress` writes)."""
+  if weights == "float":
+    return 0
+  match = re.fullmatch(r"int(\d)", weights)
+  if not match or not quant.MIN_BITS <= int(match.group(1)) <= quant.MAX_BITS:
+    raise ValueError(f"weights={weights!r}: use 'float' or the integers of --mode=compress, 'int8' or 'int4' "
+                     f"(int{quant.MIN_BITS}..int{quant.MAX_BITS})")
+  return int(match.group(1))
+
+
+class Predictor:
+  """A trained chain, restored for inference; `predictor(inputs)` -> `Prediction` (see the module docstring).
+
+  `Predictor(exp, state)` serves any state of an `Experiment` (e.g. the one a loop just trained);
+  `from_workdir` restores one. `max_batch` (default `config.eval_batch_size`, which the run validated
+  against the memory) is rounded up to a multiple of the mesh's data axis.
+  """
+
+  def __init__(self, exp: experiment_lib.Experiment, state: experiment_lib.TrainState, *, step: int | None = None,
+               weights: str = "float", max_batch: int | None = None):
+    self.experiment, self.step, self.weights = exp, step, weights
+    self.params, self.rest = state.params, state.rest
+    self._data = exp.mesh.shape["data"]
+    max_batch = max_batch or exp.config.eval_batch_size
+    if max_batch < 1:
+      raise ValueError(f"max_batch must be >= 1, got {max_batch}")
+    self.max_batch = -(-max_batch // self._data) * self._data
+    sizes, size = [], self._data
+    while size < self.max_batch:
+      sizes.append(size)
+      size *= 2
+    self.bucket_sizes: tuple[int, ...] = tuple(sizes) + (self.max_batch,)
+    self._compiled: dict[int, Any] = {}
+    self._heads = tuple((i, name) for i, name in enumerate(exp.stage_names) if exp.config.chain.stages[i].head.enabled)
+    self.exit_thresholds = exit_thresholds(exp.config, exp.task.label_specs)
+
+  @classmethod
+  def from_workdir(cls, workdir: str, step: int | None = None, weights: str = "float",
+                   max_batch: int | None = None, config: ml_collections.ConfigDict | None = None) -> "Predictor":
+    """The run in `workdir` (its `config.json`, vocabulary and checkpoints), read-only.
+
+    `step`: that checkpoint instead of the newest good one. `weights`: "float" (the parameters as trained,
+    with fake quantization where the run trained with QAT), or "int8" / "int4": the integers that
+    `--mode=compress` saved in `W/compress/int<b>/` from exactly these parameters, dequantized, on the
+    float chain (the `ptq_int<b>` rows of the compression report). `config`: the run's config as given on
+    the command line (e.g. with other `inference.*` thresholds) instead of `W/config.json`.
+    """
+    bits = _bits(weights)
+    if not epath.Path(workdir).is_dir():
+      raise ValueError(f"workdir {workdir} does not exist")
+    config = load_config(workdir) if config is None else config
+    steps = _steps(workdir)
+    if not steps:
+      raise ValueError(f"{workdir} has no checkpoint (no {os.path.join(workdir, 'checkpoints')}/<step> folder): "
+                       "train it first")
+    if step is not None and step not in steps:
+      raise ValueError(f"{workdir} has no checkpoint at step {step}; its steps: {steps}")
+    int_dir = epath.Path(workdir) / compression.COMPRESS_DIR / f"int{bits}"
+    if bits and not int_dir.is_dir():
+      raise ValueError(f"weights={weights!r}: {int_dir} does not exist; run `python -m chainjax.main "
+                       f"--config=... --workdir={workdir} --mode=compress` first "
+                       f"(with {bits} in --config.compress.ptq_bits)")
+    if bits:  # the chain the integers were evaluated on by --mode=compress
+      config = compression._float_config(config)  # pylint: disable=protected-access
+    if config.data.name in data_lib.TEXT and not (epath.Path(workdir) / "vocab.json").is_file():
+      raise ValueError(f"{workdir}/vocab.json does not exist: without the run's vocabulary, word ids would differ")
+    exp = experiment_lib.Experiment(config, workdir=workdir)
+    checkpointer = checkpoint_lib.Checkpointer(os.path.join(workdir, "checkpoints"), read_only=True)
+    try:
+      if step is not None:
+        checkpointer._manager = _OneStep(checkpointer._manager, step)  # pylint: disable=protected-access
+      restored = exp.restore(checkpointer, params_only=True)
+    finally:
+      checkpointer.close()
+    if restored is None:
+      which = f"the checkpoint at step {step} does not" if step is not None else "no checkpoint"
+      raise ValueError(f"{which} of {workdir} restores (incomplete or unreadable)")
+    step, state, _ = restored
+    if bits:
+      state = state._replace(params=_integer_params(exp, state, workdir, int_dir, step, bits))
+    return cls(exp, state, step=step, weights=weights, max_batch=max_batch)
+
+  # Buckets and compiled programs.
+
+  @property
+  def compiled_sizes(self) -> tuple[int, ...]:
+    """The batch sizes compiled so far (each a bucket size, compiled once)."""
+    return tuple(sorted(self._compiled))
+
+  def bucket(self, n: int) -> int:
+    """The padded size of a chunk of `n <= max_batch` examples: the smallest bucket that holds it."""
+    return next(size for size in self.bucket_sizes if size >= n)
+
+  def _program(self, size: int):
+    """The compiled forward pass for batches of `size` (compiled on first use, ahead of time: a compiled
+    program takes exactly these shapes and never recompiles)."""
+    if size not in self._compiled:
+      exp = self.experiment
+      inputs = jax.ShapeDtypeStruct((size,) + tuple(exp.task.input_shape), exp.task.input_dtype,
+                                    sharding=exp.batch_sharding)
+      abstract = lambda tree: jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
+      self._compiled[size] = jax.jit(self.outputs, out_shardings=exp.batch_sharding).lower(
+          abstract(self.params), abstract(self.rest), inputs).compile()
+    return self._compiled[size]
+
+  def outputs(self, params, rest, inputs) -> dict[str, jax.Array]:
+    """The named outputs of a batch (traceable; what `__call__`, `serving_fn` and the exports compute).
+
+    `probabilities_<stage>` for every stage with a head, in chain order (softmax over the class axis of a
+    multi-class head, the sigmoid of each logit of a binary one); `classes` [N, *label shape] int32: the
+    prediction of the head the example exits at (the last head, without early exit): the most probable
+    class, or 1 where the logit is > 0, as `eval/accuracy` counts it; `exit_stage` [N] int32: that stage's
+    number, 1-based (`config.inference.exit_threshold`).
+    """
+    exp = self.experiment
+    phase = exp.phases[-1]
+    model = nnx.merge(exp.graphdef, exp.policy.cast_to_compute(params), rest)
+    with quant.enabled(phase.quantized):
+      output = model(exp.policy.cast_to_compute(inputs), mode=exp.mode, train=False, phase=phase.index)
+    specs = exp.task.label_specs
+    outputs, classes, confident = {}, {}, {}
+    for i, name in self._heads:
+      logits = exp.policy.cast_to_output(output.predictions[i]).astype(jnp.float32)
+      probabilities = jax.nn.sigmoid(logits) if specs[i].is_binary else jax.nn.softmax(logits, axis=-1)
+      outputs[f"{OUTPUT_PREFIX}{name}"] = probabilities
+      classes[i] = ((logits > 0) if specs[i].is_binary else jnp.argmax(logits, axis=-1)).astype(jnp.int32)
+      if i in self.exit_thresholds:
+        confident[i] = confidence(probabilities, specs[i].is_binary) >= self.exit_thresholds[i]
+    last = exp.num_stages - 1  # the last stage always has a head (`chain.check_config`)
+    chosen, exit_stage = classes[last], jnp.full(inputs.shape[:1], last + 1, jnp.int32)
+    for i in sorted(confident, reverse=True):  # the first confident head wins
+      chosen = jnp.where(_expand(confident[i], chosen.ndim), classes[i], chosen)
+      exit_stage = jnp.where(confident[i], i + 1, exit_stage)
+    return {**outputs, "classes": chosen, "exit_stage": exit_stage}
+
+  def serving_fn(self):
+    """`f(inputs) -> outputs(...)` with the parameters as constants: a function of the inputs alone, on one
+    device, for `jax.export` and `jax2tf`."""
+    params, rest = experiment_lib.host_arrays(self.params), experiment_lib.host_arrays(self.rest)
+    return lambda inputs: self.outputs(params, rest, inputs)
+
+  # Requests.
+
+  def __call__(self, inputs) -> Prediction:
+    """The `Prediction` for a batch of N >= 1 inputs (see the module docstring for what inputs may be)."""
+    x = self.preprocess(inputs)
+    exp = self.experiment
+    outputs = []
+    for start in range(0, len(x), self.max_batch):
+      chunk = x[start:start + self.max_batch]
+      size = self.bucket(len(chunk))
+      padded = np.zeros((size,) + chunk.shape[1:], chunk.dtype)
+      padded[:len(chunk)] = chunk
+      out = self._program(size)(self.params, self.rest, exp.put_batch(padded, size))
+      exp.window.add(out)  # a long request keeps at most a couple of programs in flight
+      outputs.append((out, len(chunk)))
+    host = [jax.tree.map(lambda a, n=n: a[:n], experiment_lib.host_arrays(out)) for out, n in outputs]
+    out = jax.tree.map(lambda *parts: np.concatenate(parts), *host)
+    stages = {name: out[f"{OUTPUT_PREFIX}{name}"] for _, name in self._heads}
+    return Prediction(stages, out["classes"], stages[self._heads[-1][1]], out["exit_stage"])
+
+  def preprocess(self, inputs) -> np.ndarray:
+    """`inputs` as the model's input array [N, *input shape] of the task's dtype, or one ValueError."""
+    task = self.experiment.task
+    shape, dtype = tuple(task.input_shape), np.dtype(task.input_dtype)
+    text = self.experiment.config.data.name in data_lib.TEXT
+    if isinstance(inputs, (str, bytes)):
+      raise ValueError(f"inputs: got one {type(inputs).__name__}; pass a batch, e.g. a list of strings"
+                       + ("" if text else f" (the {task.name} model takes {dtype.name} arrays, not text)"))
+    if ((isinstance(inputs, (list, tuple)) and any(isinstance(v, (str, bytes)) for v in inputs))
+        or (isinstance(inputs, np.ndarray) and inputs.dtype.kind in "OSU")):
+      return self._encode_texts(inputs)
+    try:
+      x = np.asarray(inputs)
+    except ValueError as e:  # ragged nested lists
+      raise ValueError(f"inputs: not an array ({str(e).splitlines()[0]})") from None
+    expected = f"[N, {', '.join(map(str, shape))}] {dtype.name}" if shape else f"[N] {dtype.name}"
+    if x.ndim and not x.shape[0]:
+      raise ValueError(f"inputs: empty batch (shape {x.shape}); the {task.name} model takes {expected}")
+    if x.shape[1:] != shape:
+      hint = " (one example: add a batch axis, inputs[None])" if x.shape == shape else ""
+      raise ValueError(f"inputs: shape {x.shape}; the {task.name} model takes {expected}{hint}")
+    raw = getattr(task, "transform", None)
+    if x.dtype == np.uint8 and isinstance(raw, tfds_data.ImageClassification):
+      return np.stack([raw({raw.image_key: image, raw.label_key: 0})["inputs"] for image in x])  # the run's scaling
+    if x.dtype.kind not in "biuf" or not np.can_cast(x.dtype, dtype, "same_kind"):
+      raise ValueError(f"inputs: dtype {x.dtype}; the {task.name} model takes {expected}"
+                       + (" (or a list of strings)" if text else ""))
+    x = x.astype(dtype)
+    if text and (x.min() < 0 or x.max() >= self.experiment.config.data.vocab_size):
+      raise ValueError(f"inputs: word ids must be in [0, {self.experiment.config.data.vocab_size}), got "
+                       f"[{x.min()}, {x.max()}]")
+    return x
+
+  def _encode_texts(self, texts: Sequence) -> np.ndarray:
+    """Strings -> word ids with the run's vocabulary and `max_len`, padding and truncation (`text.Tokenize`)."""
+    task = self.experiment.task
+    if self.experiment.config.data.name not in data_lib.TEXT:
+      raise ValueError(f"inputs: strings, but the {task.name} model takes {np.dtype(task.input_dtype).name} "
+                       f"arrays of shape [N, {', '.join(map(str, task.input_shape))}]")
+    texts = list(np.asarray(texts, object).reshape(-1)) if isinstance(texts, np.ndarray) else list(texts)
+    if not texts:
+      raise ValueError("inputs: empty batch (no strings)")
+    bad = next((i for i, t in enumerate(texts) if not isinstance(t, (str, bytes, np.str_, np.bytes_))), None)
+    if bad is not None:
+      raise ValueError(f"inputs[{bad}]: {type(texts[bad]).__name__}, not a string; a text batch is a list of strings")
+    from chainjax.data import text  # pylint: disable=import-outside-toplevel
+    return np.stack([task.transform.ids(text.as_text(t)) for t in texts])
+
+
+def _integer_params(exp: experiment_lib.Experiment, state: experiment_lib.TrainState, workdir: str,
+                    int_dir: epath.Path, step: int, bits: int) -> Any:
+  """The float parameters of the integers `--mode=compress` saved in `int_dir` from exactly `state.params`
+  (checked by their fingerprint), dequantized on the device with the parameters' shardings."""
+  axes = ptq.axes_of(quant.weight_channel_axes(nnx.merge(exp.graphdef, state.params, state.rest)))
+  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=exp.replicated),
+                          ptq.abstract_quantized(state.params, bits, axes=axes))
+  rerun = f"run `python -m chainjax.main --config=... --workdir={workdir} --mode=compress` again"
+  reader = checkpoint_lib.Checkpointer(int_dir, read_only=True)
+  try:
+    restored = reader.restore_latest(abstract)
+  except ValueError:
+    restored = None
+  finally:
+    reader.close()
+  if restored is None:
+    raise ValueError(f"weights='int{bits}': {int_dir} holds no integers of this model's shapes; {rerun}")
+  source = compression.fingerprint(experiment_lib.host_arrays(state.params))
+  if restored[2].get("source") != source or restored[2].get("bits") != bits:
+    raise ValueError(f"weights='int{bits}': the integers in {int_dir} come from the parameters of step "
+                     f"{restored[2].get('source_step')}, not those of the checkpoint at step {step}; {rerun}")
+  return jax.jit(functools.partial(ptq.dequantize_params, like=state.params, bits=bits),
+                 out_shardings=exp.state_shardings.params)(restored[1])
+
+
+__all__ = ["CONFIG_FILE", "Prediction", "Predictor", "load_config"]

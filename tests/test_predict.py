@@ -1,0 +1,194 @@
+"""`chainjax.predict`: inference on a trained workdir (float and PTQ weights, text, buckets, bad input)."""
+
+import json
+import os
+import shutil
+
+import jax
+import numpy as np
+import pytest
+
+import helpers
+import tiny_tfds
+from chainjax import compression
+from chainjax import predict
+from chainjax import train
+from chainjax.data import base
+from chainjax.data import text
+
+
+def _listing(workdir) -> dict:
+  """Every file and folder under `workdir` with its size and modification time."""
+  out = {}
+  for root, dirs, files in os.walk(workdir):
+    for name in dirs + files:
+      path = os.path.join(root, name)
+      out[os.path.relpath(path, workdir)] = (os.path.getsize(path), os.stat(path).st_mtime_ns)
+  return out
+
+
+def _eval_set(predictor):
+  """The run's held-out set as (inputs, labels of every stage), padding dropped."""
+  exp = predictor.experiment
+  batches = list(exp.task.eval_iterator(exp.config.eval_batch_size, base.Shard()))
+  keep = np.concatenate([b["mask"] for b in batches]) > 0
+  inputs = np.concatenate([b["inputs"] for b in batches])[keep]
+  labels = [np.concatenate([b["labels"][i] for b in batches])[keep] for i in range(exp.num_stages)]
+  return inputs, labels
+
+
+def _metrics_at(workdir, step) -> dict:
+  rows = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
+  return next(row for row in rows if row["step"] == step)
+
+
+@pytest.fixture(scope="module")
+def parity_run(tmp_path_factory):
+  """default:runlocal, 60 updates, checkpoints at 30 and 60: (workdir, final metrics)."""
+  workdir = str(tmp_path_factory.mktemp("parity") / "run")
+  return workdir, train.train_and_evaluate(helpers.load_config("default", "runlocal"), workdir)
+
+
+@pytest.fixture(scope="module")
+def compressed_run(parity_run, tmp_path_factory):
+  """A copy of `parity_run` after `--mode=compress` (int8 and int4 integers): (workdir, report)."""
+  workdir = str(tmp_path_factory.mktemp("compressed") / "run")
+  shutil.copytree(parity_run[0], workdir)
+  return workdir, compression.compress(helpers.load_config("default", "runlocal"), workdir)
+
+
+def test_final_classes_reproduce_the_runs_eval_accuracy_at_every_step(parity_run):
+  workdir, final = parity_run
+  predictor = predict.Predictor.from_workdir(workdir)
+  inputs, labels = _eval_set(predictor)
+  out = predictor(inputs)
+  assert predictor.step == 60 and len(inputs) == 512
+  assert np.mean(out.classes == labels[-1]) == final["eval/accuracy"]
+  assert {k: v.shape for k, v in out.stages.items()} == {"level1": (512, 4), "level2": (512, 2), "level3": (512,)}
+  for p in out.stages.values():  # binary heads: sigmoid of each logit
+    assert np.all((p > 0) & (p < 1))
+  np.testing.assert_array_equal(out.probabilities, out.stages["level3"])
+  np.testing.assert_array_equal(out.classes, out.probabilities > 0.5)
+
+  earlier = predict.Predictor.from_workdir(workdir, step=30)
+  out_30 = earlier(inputs)
+  assert earlier.step == 30 and not np.array_equal(out_30.probabilities, out.probabilities)
+  assert np.mean(out_30.classes == labels[-1]) == _metrics_at(workdir, 30)["eval/accuracy"]
+
+
+def test_request_sizes_pad_to_a_few_buckets_each_compiled_once(parity_run):
+  workdir, _ = parity_run
+  predictor = predict.Predictor.from_workdir(workdir)
+  assert jax.device_count() == 8 and predictor.bucket_sizes == (8, 16, 32, 64, 128, 256)
+  x = _eval_set(predictor)[0][:316]
+  compiles = []
+  listener = lambda event, *args, **kwargs: compiles.append(event) if event.endswith("backend_compile_duration") else None
+  jax.monitoring.register_event_duration_secs_listener(listener)
+  try:
+    parts = [predictor(x[:3]), predictor(x[3:8]), predictor(x[8:15])]
+    assert predictor.compiled_sizes == (8,) and len(compiles) == 1  # 3, 5 and 7 examples: one program
+    parts += [predictor(x[15:16]), predictor(x[16:316])]  # 1 and 300 (= 256 + 44, padded to 64)
+    assert predictor.compiled_sizes == (8, 64, 256) and len(compiles) == 3
+    chunked = predictor(x)
+    assert len(compiles) == 3
+  finally:
+    jax.monitoring.unregister_event_duration_listener(listener)
+  whole = predict.Predictor.from_workdir(workdir, max_batch=512)(x)  # one batch of 316 padded to 512
+  for out in (chunked, jax.tree.map(lambda *a: np.concatenate(a), *parts)):
+    np.testing.assert_array_equal(out.classes, whole.classes)
+    for name in whole.stages:
+      np.testing.assert_allclose(out.stages[name], whole.stages[name], rtol=1e-6, atol=1e-7)
+
+
+def test_int8_weights_are_the_compressed_integers_and_agree_with_float(compressed_run, parity_run):
+  workdir, report = compressed_run
+  before = _listing(workdir)
+  float_out = predict.Predictor.from_workdir(workdir)
+  int8 = predict.Predictor.from_workdir(workdir, weights="int8")
+  inputs, labels = _eval_set(int8)
+  out, reference = int8(inputs), float_out(inputs)
+  assert np.mean(out.classes == labels[-1]) == report["metrics"]["ptq_int8"]["eval/accuracy"]
+  assert np.mean(out.classes == reference.classes) >= 0.97  # 60 updates: many logits near 0
+  assert not np.array_equal(out.probabilities, reference.probabilities)  # the integers, not the floats
+  int4 = predict.Predictor.from_workdir(workdir, weights="int4")
+  assert np.mean(int4(inputs).classes == labels[-1]) == report["metrics"]["ptq_int4"]["eval/accuracy"]
+  assert _listing(workdir) == before  # read-only: nothing created, written or moved
+  with pytest.raises(ValueError, match=r"int8 does not exist; run `python -m chainjax.main .*--mode=compress` first"):
+    predict.Predictor.from_workdir(parity_run[0], weights="int8")
+  with pytest.raises(ValueError, match=r"weights='fp16': use 'float' or the integers of --mode=compress"):
+    predict.Predictor.from_workdir(workdir, weights="fp16")
+
+
+def test_a_text_model_takes_raw_strings_with_the_runs_vocabulary(tmp_path):
+  workdir = str(tmp_path / "lstm")
+  config = helpers.load_config("imdb_lstm", "runlocal", total_steps=10, **{"data.train_size": 2000})
+  final = train.train_and_evaluate(config, workdir)
+  before = _listing(workdir)
+  predictor = predict.Predictor.from_workdir(workdir)
+  source = predictor.experiment.task.eval_source
+  records = [source[i] for i in range(len(source))]
+  texts = [text.as_text(r["text"]) for r in records]
+  out = predictor(texts)
+  assert out.classes.shape == (256,) and list(out.stages) == ["classifier"]
+  assert np.mean(out.classes == np.array([r["label"] for r in records])) == final["eval/accuracy"]
+  ids = np.stack([predictor.experiment.task.transform.ids(t) for t in texts[:5]])
+  np.testing.assert_array_equal(predictor(ids).probabilities, out.probabilities[:5])
+  np.testing.assert_array_equal(predictor([t.encode() for t in texts[:5]]).probabilities, out.probabilities[:5])
+  assert predictor(["Not GOOD, not good at all!"]).probabilities.shape == (1,)
+  with pytest.raises(ValueError, match=r"^inputs: got one str; pass a batch, e.g. a list of strings$"):
+    predictor("a good film")
+  with pytest.raises(ValueError, match=r"^inputs\[1\]: int, not a string"):
+    predictor(["a good film", 3])
+  with pytest.raises(ValueError, match=r"^inputs: dtype float64; the synthetic_sentiment model takes \[N, 64\] int32"):
+    predictor(np.zeros((2, 64)))
+  assert _listing(workdir) == before
+
+
+def test_multiclass_heads_give_softmax_probabilities_and_raw_images_are_scaled_as_in_training(tmp_path):
+  workdir = str(tmp_path / "images")
+  config = helpers.load_config("fashion_mnist_cnn", "runlocal", total_steps=4, **{
+      "data.name": tiny_tfds.NAME, "data.data_dir": tiny_tfds.build(tmp_path / "tfds")})
+  final = train.train_and_evaluate(config, workdir)
+  predictor = predict.Predictor.from_workdir(workdir)
+  inputs, labels = _eval_set(predictor)
+  out = predictor(inputs)
+  assert {k: v.shape for k, v in out.stages.items()} == {"conv1": (13, 3), "conv2": (13, 3), "conv3": (13, 3)}
+  for p in out.stages.values():
+    np.testing.assert_allclose(p.sum(axis=-1), 1.0, atol=1e-6)
+  np.testing.assert_array_equal(out.classes, out.probabilities.argmax(axis=-1))
+  assert np.mean(out.classes == labels[-1]) == final["eval/accuracy"]
+  source = predictor.experiment.task.eval_source
+  images = np.stack([source[i]["image"] for i in range(len(source))])  # uint8, as stored
+  raw = predictor(images)
+  np.testing.assert_array_equal(raw.classes, out.classes)
+  np.testing.assert_allclose(raw.probabilities, out.probabilities, atol=1e-6)
+
+
+def test_bad_requests_and_workdirs_are_one_clear_error(parity_run, tmp_path):
+  workdir, _ = parity_run
+  predictor = predict.Predictor.from_workdir(workdir)
+  empty, unsaved = tmp_path / "empty", tmp_path / "unsaved"  # unsaved: a run stopped before its first checkpoint
+  empty.mkdir()
+  unsaved.mkdir()
+  shutil.copy(os.path.join(workdir, "config.json"), unsaved / "config.json")
+  cases = [
+      (lambda: predictor(np.zeros((4, 63), np.float32)), r"^inputs: shape \(4, 63\); the parity model takes "
+       r"\[N, 64\] float32$"),
+      (lambda: predictor(np.zeros(64, np.float32)), r"add a batch axis, inputs\[None\]"),
+      (lambda: predictor(np.zeros((0, 64), np.float32)), r"^inputs: empty batch \(shape \(0, 64\)\)"),
+      (lambda: predictor([]), r"^inputs: empty batch"),
+      (lambda: predictor(np.zeros((2, 64), np.complex64)), r"^inputs: dtype complex64; the parity model takes"),
+      (lambda: predictor(["a", "b"]), r"^inputs: strings, but the parity model takes float32 arrays"),
+      (lambda: predict.Predictor.from_workdir(str(tmp_path / "missing")), r"missing does not exist$"),
+      (lambda: predict.Predictor.from_workdir(str(empty)), r"config.json does not exist: .* is not the "
+       r"workdir of a chainjax run$"),
+      (lambda: predict.Predictor.from_workdir(workdir, step=31), r"has no checkpoint at step 31; its steps: "
+       r"\[30, 60\]$"),
+  ]
+  cases.append((lambda: predict.Predictor.from_workdir(str(unsaved)), r"has no checkpoint \(no .*/checkpoints/"
+                r"<step> folder\): train it first$"))
+  for call, message in cases:
+    with pytest.raises(ValueError, match=message) as error:
+      call()
+    assert "\n" not in str(error.value)
+  assert predictor(np.ones((2, 64), np.float64)).classes.shape == (2,)  # float64 casts to float32
