@@ -233,15 +233,28 @@ class Chain(nnx.Module):
       stage_train = train and rule.trains(i)  # a stage that does not train keeps its BatchNorm statistics
       stage_key = None if key is None else jax.random.fold_in(key, i)
       with quant.training(stage_train):  # and its quantization observers
-        h = link.body(h, train=stage_train, key=stage_key)
-        if link.out_quant is not None:
-          h = link.out_quant(h)
-        y = None if link.head is None else link.head(h, train=stage_train, key=stage_key)
-      hiddens.append(h)
+        hidden, y = _apply_link(link, h, stage_train, stage_key)
+      hiddens.append(hidden)
       predictions.append(y)
-      if link.pass_to_next == "prediction":
-        h = y
+      h = y if link.pass_to_next == "prediction" else hidden
     return ChainOutput(tuple(hiddens), tuple(predictions))
+
+  def stage(self, index: int, h: jax.Array) -> tuple[jax.Array, jax.Array | None]:
+    """Stage `index` alone at inference (`train=False`): (what it passes to the next stage, its head's
+    prediction or None). Running the stages one after another gives `__call__(x, train=False)`'s predictions;
+    early exit (`chainjax.predict`) runs only the stages an example needs."""
+    link = self.stages[self.names[index]]
+    with quant.training(False):
+      hidden, y = _apply_link(link, h, False, None)
+    return (y if link.pass_to_next == "prediction" else hidden), y
+
+
+def _apply_link(link: Link, h: jax.Array, train: bool, key: jax.Array | None) -> tuple[jax.Array, jax.Array | None]:
+  """One stage: its body, the quantizer of its output h_i (if any), then its head on h_i."""
+  h = link.body(h, train=train, key=key)
+  if link.out_quant is not None:
+    h = link.out_quant(h)
+  return h, (None if link.head is None else link.head(h, train=train, key=key))
 
 
 def phase_budgets(config: ml_collections.ConfigDict) -> tuple[int, ...]:

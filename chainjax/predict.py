@@ -54,6 +54,7 @@ from chainjax.data import tfds_data
 from chainjax.errors import ConfigError
 
 CONFIG_FILE = "config.json"
+EXIT_IMPLS = ("compact", "mask", "full")  # how early exit avoids work: see `Predictor`
 OUTPUT_PREFIX = "probabilities_"  # `probabilities_<stage>`: one output per head (`Predictor.outputs`)
 
 
@@ -172,10 +173,19 @@ class Predictor:
   `Predictor(exp, state)` serves any state of an `Experiment` (e.g. the one a loop just trained);
   `from_workdir` restores one. `max_batch` (default `config.eval_batch_size`, which the run validated
   against the memory) is rounded up to a multiple of the mesh's data axis.
+
+  Early exit (`config.inference`): an example's answer comes from the first head that is confident
+  enough. `exit_impl` says how the later stages' work is avoided for it: "compact" (the default) runs the
+  chain stage by stage and takes the exited examples out of the batch before the next stage, which runs
+  on the rest, padded to their bucket; "mask" runs one program that skips a stage when every example of
+  the batch has exited (`lax.cond`: a saving at batch 1, rarely at batch 256); "full" runs every stage on
+  every example and only chooses the head (what the exported artifacts do). All three give the same
+  classes and exit stages; the probabilities of a head an example never reached are NaN with "compact"
+  (and with "mask" when the whole batch skipped it).
   """
 
   def __init__(self, exp: experiment_lib.Experiment, state: experiment_lib.TrainState, *, step: int | None = None,
-               weights: str = "float", max_batch: int | None = None):
+               weights: str = "float", max_batch: int | None = None, exit_impl: str = "compact"):
     self.experiment, self.step, self.weights = exp, step, weights
     self.params, self.rest = state.params, state.rest
     self._data = exp.mesh.shape["data"]
@@ -191,10 +201,16 @@ class Predictor:
     self._compiled: dict[int, Any] = {}
     self._heads = tuple((i, name) for i, name in enumerate(exp.stage_names) if exp.config.chain.stages[i].head.enabled)
     self.exit_thresholds = exit_thresholds(exp.config, exp.task.label_specs)
+    if exit_impl not in EXIT_IMPLS:
+      raise ValueError(f"exit_impl={exit_impl!r}: use one of {', '.join(EXIT_IMPLS)}")
+    self.exit_impl = exit_impl
+    self._head_names = dict(self._heads)
+    self._stage_programs: dict[int, Any] = {}
 
   @classmethod
   def from_workdir(cls, workdir: str, step: int | None = None, weights: str = "float",
-                   max_batch: int | None = None, config: ml_collections.ConfigDict | None = None) -> "Predictor":
+                   max_batch: int | None = None, config: ml_collections.ConfigDict | None = None,
+                   exit_impl: str = "compact") -> "Predictor":
     """The run in `workdir` (its `config.json`, vocabulary and checkpoints), read-only.
 
     `step`: that checkpoint instead of the newest good one. `weights`: "float" (the parameters as trained,
@@ -236,7 +252,7 @@ class Predictor:
     step, state, _ = restored
     if bits:
       state = state._replace(params=_integer_params(exp, state, workdir, int_dir, step, bits))
-    return cls(exp, state, step=step, weights=weights, max_batch=max_batch)
+    return cls(exp, state, step=step, weights=weights, max_batch=max_batch, exit_impl=exit_impl)
 
   # Buckets and compiled programs.
 
@@ -257,11 +273,12 @@ class Predictor:
       inputs = jax.ShapeDtypeStruct((size,) + tuple(exp.task.input_shape), exp.task.input_dtype,
                                     sharding=exp.batch_sharding)
       abstract = lambda tree: jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
-      self._compiled[size] = jax.jit(self.outputs, out_shardings=exp.batch_sharding).lower(
+      forward = functools.partial(self.outputs, skip_exited=self.exit_impl == "mask" and bool(self.exit_thresholds))
+      self._compiled[size] = jax.jit(forward, out_shardings=exp.batch_sharding).lower(
           abstract(self.params), abstract(self.rest), inputs).compile()
     return self._compiled[size]
 
-  def outputs(self, params, rest, inputs) -> dict[str, jax.Array]:
+  def outputs(self, params, rest, inputs, skip_exited: bool = False) -> dict[str, jax.Array]:
     """The named outputs of a batch (traceable; what `__call__`, `serving_fn` and the exports compute).
 
     `probabilities_<stage>` for every stage with a head, in chain order (softmax over the class axis of a
@@ -269,31 +286,60 @@ class Predictor:
     prediction of the head the example exits at (the last head, without early exit): the most probable
     class, or 1 where the logit is > 0, as `eval/accuracy` counts it; `exit_stage` [N] int32: that stage's
     number, 1-based (`config.inference.exit_threshold`).
+
+    Every stage runs on the whole batch, except with `skip_exited` (`exit_impl="mask"`): a stage after an
+    exit is skipped (`lax.cond`) when every example of the batch has exited, and the probabilities it would
+    have given are NaN.
     """
-    exp = self.experiment
-    phase = exp.phases[-1]
-    model = nnx.merge(exp.graphdef, exp.policy.cast_to_compute(params), rest)
-    with quant.enabled(phase.quantized):
-      output = model(exp.policy.cast_to_compute(inputs), mode=exp.mode, train=False, phase=phase.index)
-    specs = exp.task.label_specs
+    model = self._model(params, rest)
+    h = self.experiment.policy.cast_to_compute(inputs)
     outputs, classes, confident = {}, {}, {}
-    for i, name in self._heads:
-      logits = exp.policy.cast_to_output(output.predictions[i]).astype(jnp.float32)
-      probabilities = jax.nn.sigmoid(logits) if specs[i].is_binary else jax.nn.softmax(logits, axis=-1)
-      outputs[f"{OUTPUT_PREFIX}{name}"] = probabilities
-      classes[i] = ((logits > 0) if specs[i].is_binary else jnp.argmax(logits, axis=-1)).astype(jnp.int32)
-      if i in self.exit_thresholds:
-        confident[i] = confidence(probabilities, specs[i].is_binary) >= self.exit_thresholds[i]
-    last = exp.num_stages - 1  # the last stage always has a head (`chain.check_config`)
+    done = jnp.zeros(inputs.shape[:1], bool)
+    for i in range(self.experiment.num_stages):
+      run = functools.partial(self._stage_outputs, model, i)
+      if skip_exited and confident:
+        shapes = jax.eval_shape(run, h)
+        skipped = lambda h, shapes=shapes: jax.tree.map(
+            lambda s: jnp.full(s.shape, jnp.nan if jnp.issubdtype(s.dtype, jnp.floating) else 0, s.dtype), shapes)
+        h, out = jax.lax.cond(jnp.all(done), skipped, run, h)
+      else:
+        h, out = run(h)
+      if i in self._head_names:
+        outputs[f"{OUTPUT_PREFIX}{self._head_names[i]}"] = out["probabilities"]
+        classes[i] = out["classes"]
+      if "confident" in out:
+        confident[i] = out["confident"]
+        done = done | confident[i]
+    last = self.experiment.num_stages - 1  # the last stage always has a head (`chain.check_config`)
     chosen, exit_stage = classes[last], jnp.full(inputs.shape[:1], last + 1, jnp.int32)
     for i in sorted(confident, reverse=True):  # the first confident head wins
       chosen = jnp.where(_expand(confident[i], chosen.ndim), classes[i], chosen)
       exit_stage = jnp.where(confident[i], i + 1, exit_stage)
     return {**outputs, "classes": chosen, "exit_stage": exit_stage}
 
+  def _model(self, params, rest):
+    return nnx.merge(self.experiment.graphdef, self.experiment.policy.cast_to_compute(params), rest)
+
+  def _stage_outputs(self, model, index: int, h) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """Stage `index` on `h`: (what it passes on, {"probabilities", "classes", "confident"} of its head,
+    "confident" only where the stage may exit)."""
+    exp = self.experiment
+    with quant.enabled(exp.phases[-1].quantized):
+      h, y = model.stage(index, h)
+    if y is None:
+      return h, {}
+    spec = exp.task.label_specs[index]
+    logits = exp.policy.cast_to_output(y).astype(jnp.float32)
+    probabilities = jax.nn.sigmoid(logits) if spec.is_binary else jax.nn.softmax(logits, axis=-1)
+    out = {"probabilities": probabilities,
+           "classes": ((logits > 0) if spec.is_binary else jnp.argmax(logits, axis=-1)).astype(jnp.int32)}
+    if index in self.exit_thresholds:
+      out["confident"] = confidence(probabilities, spec.is_binary) >= self.exit_thresholds[index]
+    return h, out
+
   def serving_fn(self):
     """`f(inputs) -> outputs(...)` with the parameters as constants: a function of the inputs alone, on one
-    device, for `jax.export` and `jax2tf`."""
+    device, for `jax.export` and `jax2tf` (every stage runs; early exit only chooses the answering head)."""
     params, rest = experiment_lib.host_arrays(self.params), experiment_lib.host_arrays(self.rest)
     return lambda inputs: self.outputs(params, rest, inputs)
 
@@ -302,20 +348,68 @@ class Predictor:
   def __call__(self, inputs) -> Prediction:
     """The `Prediction` for a batch of N >= 1 inputs (see the module docstring for what inputs may be)."""
     x = self.preprocess(inputs)
-    exp = self.experiment
-    outputs = []
-    for start in range(0, len(x), self.max_batch):
-      chunk = x[start:start + self.max_batch]
-      size = self.bucket(len(chunk))
-      padded = np.zeros((size,) + chunk.shape[1:], chunk.dtype)
-      padded[:len(chunk)] = chunk
-      out = self._program(size)(self.params, self.rest, exp.put_batch(padded, size))
-      exp.window.add(out)  # a long request keeps at most a couple of programs in flight
-      outputs.append((out, len(chunk)))
-    host = [jax.tree.map(lambda a, n=n: a[:n], experiment_lib.host_arrays(out)) for out, n in outputs]
+    run = self._compact_chunk if self.exit_thresholds and self.exit_impl == "compact" else self._whole_chunk
+    host = [run(x[start:start + self.max_batch]) for start in range(0, len(x), self.max_batch)]
     out = jax.tree.map(lambda *parts: np.concatenate(parts), *host)
     stages = {name: out[f"{OUTPUT_PREFIX}{name}"] for _, name in self._heads}
     return Prediction(stages, out["classes"], stages[self._heads[-1][1]], out["exit_stage"])
+
+  def _padded(self, x: np.ndarray):
+    """`x` padded with zeros to its bucket, as a global array sharded along the mesh's data axis."""
+    size = self.bucket(len(x))
+    padded = np.zeros((size,) + x.shape[1:], x.dtype)
+    padded[:len(x)] = x
+    return self.experiment.put_batch(padded, size)
+
+  def _whole_chunk(self, x: np.ndarray) -> dict[str, np.ndarray]:
+    """Every stage on every example of `x` (<= max_batch), one compiled program per bucket."""
+    batch = self._padded(x)
+    out = self._program(batch.shape[0])(self.params, self.rest, batch)
+    return jax.tree.map(lambda a: a[:len(x)], experiment_lib.host_arrays(out))
+
+  def _compact_chunk(self, x: np.ndarray) -> dict[str, np.ndarray]:
+    """Early exit by compaction: stage by stage, the examples that exited are taken out of the batch, and
+    the next stage runs on the others only, padded to their (smaller) bucket. A head's probabilities are
+    NaN for the examples that exited before it."""
+    exp, n = self.experiment, len(x)
+    specs = exp.task.label_specs
+    out = {f"{OUTPUT_PREFIX}{name}": np.full((n,) + tuple(specs[i].logits_shape), np.nan, np.float32)
+           for i, name in self._heads}
+    out["classes"] = np.zeros((n,) + tuple(specs[-1].shape), np.int32)
+    out["exit_stage"] = np.full(n, exp.num_stages, np.int32)
+    remaining, h = np.arange(n), self._padded(x)
+    for i in range(exp.num_stages):
+      passed, stage_out = self._stage_program(i)(self.params, self.rest, h)
+      m = len(remaining)
+      stage_out = jax.tree.map(lambda a: a[:m], experiment_lib.host_arrays(stage_out))
+      if i in self._head_names:
+        out[f"{OUTPUT_PREFIX}{self._head_names[i]}"][remaining] = stage_out["probabilities"]
+      if i == exp.num_stages - 1:
+        out["classes"][remaining] = stage_out["classes"]
+        break
+      if "confident" not in stage_out or not stage_out["confident"].any():
+        h = passed  # nobody exits here: the next stage takes the batch as it is
+        continue
+      exited = stage_out["confident"]
+      out["classes"][remaining[exited]] = stage_out["classes"][exited]
+      out["exit_stage"][remaining[exited]] = i + 1
+      remaining = remaining[~exited]
+      if not len(remaining):
+        break
+      h = self._padded(experiment_lib.host_arrays(passed)[:m][~exited])
+    return out
+
+  def _stage_program(self, index: int):
+    """Stage `index` alone, jitted: (params, rest, h) -> (what it passes on, its head's outputs)."""
+    if index not in self._stage_programs:
+      exp = self.experiment
+
+      def run(params, rest, h):
+        h = exp.policy.cast_to_compute(h) if index == 0 else h
+        return self._stage_outputs(self._model(params, rest), index, h)
+
+      self._stage_programs[index] = jax.jit(run, out_shardings=exp.batch_sharding)
+    return self._stage_programs[index]
 
   def preprocess(self, inputs) -> np.ndarray:
     """`inputs` as the model's input array [N, *input shape] of the task's dtype, or one ValueError."""

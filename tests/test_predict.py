@@ -144,11 +144,18 @@ def test_a_text_model_takes_raw_strings_with_the_runs_vocabulary(tmp_path):
   assert _listing(workdir) == before
 
 
-def test_multiclass_heads_give_softmax_probabilities_and_raw_images_are_scaled_as_in_training(tmp_path):
-  workdir = str(tmp_path / "images")
+@pytest.fixture(scope="module")
+def image_run(tmp_path_factory):
+  """fashion_mnist_cnn (3 conv stages, each with a head of the same 3 classes) on a tiny TFDS set, 4 updates."""
+  tmp_path = tmp_path_factory.mktemp("images")
+  workdir = str(tmp_path / "run")
   config = helpers.load_config("fashion_mnist_cnn", "runlocal", total_steps=4, **{
       "data.name": tiny_tfds.NAME, "data.data_dir": tiny_tfds.build(tmp_path / "tfds")})
-  final = train.train_and_evaluate(config, workdir)
+  return workdir, train.train_and_evaluate(config, workdir)
+
+
+def test_multiclass_heads_give_softmax_probabilities_and_raw_images_are_scaled_as_in_training(image_run):
+  workdir, final = image_run
   predictor = predict.Predictor.from_workdir(workdir)
   inputs, labels = _eval_set(predictor)
   out = predictor(inputs)
@@ -192,3 +199,54 @@ def test_bad_requests_and_workdirs_are_one_clear_error(parity_run, tmp_path):
       call()
     assert "\n" not in str(error.value)
   assert predictor(np.ones((2, 64), np.float64)).classes.shape == (2,)  # float64 casts to float32
+
+
+def _with_exit(workdir, threshold=1.0, stage=()):
+  config = predict.load_config(workdir)
+  config.inference.exit_threshold, config.inference.stage_exit_threshold = threshold, stage
+  return config
+
+
+def test_early_exit_thresholds_one_and_zero_and_every_implementation_agrees(image_run):
+  workdir, _ = image_run
+  inputs, labels = _eval_set(predict.Predictor.from_workdir(workdir))
+  whole = predict.Predictor.from_workdir(workdir, config=_with_exit(workdir, 1.0))(inputs)
+  np.testing.assert_array_equal(whole.exit_stages, 3)  # threshold 1.0: the whole chain
+  np.testing.assert_array_equal(whole.classes, whole.stages["conv3"].argmax(-1))
+
+  first = predict.Predictor.from_workdir(workdir, config=_with_exit(workdir, 0.0))(inputs)
+  np.testing.assert_array_equal(first.exit_stages, 1)  # threshold 0: every example leaves at stage 1
+  np.testing.assert_array_equal(first.classes, whole.stages["conv1"].argmax(-1))
+  np.testing.assert_allclose(first.stages["conv1"], whole.stages["conv1"], rtol=1e-6, atol=1e-7)
+  assert np.isnan(first.stages["conv2"]).all() and np.isnan(first.stages["conv3"]).all()  # never computed
+
+  # Thresholds between the stage-1 and stage-2 confidences of the eval examples: some leave at 1, some at 2.
+  c1, c2 = (np.asarray(predict.confidence(whole.stages[s], False)) for s in ("conv1", "conv2"))
+  t1, t2 = float(np.median(c1)), float(np.median(c2))
+  config = _with_exit(workdir, stage=(t1, t2))
+  expected = np.where(c1 >= t1, 1, np.where(c2 >= t2, 2, 3))
+  assert (expected == 1).any() and (expected > 1).any()
+  results = {impl: predict.Predictor.from_workdir(workdir, config=config, exit_impl=impl)(inputs)
+             for impl in predict.EXIT_IMPLS}
+  for impl, out in results.items():
+    np.testing.assert_array_equal(out.exit_stages, expected, err_msg=impl)
+    np.testing.assert_array_equal(np.bincount(out.exit_stages, minlength=4)[1:].sum(), len(inputs))
+    for stage, name in enumerate(("conv1", "conv2", "conv3"), 1):
+      chosen = expected == stage
+      np.testing.assert_array_equal(out.classes[chosen], whole.stages[name][chosen].argmax(-1), err_msg=impl)
+      reached = expected >= stage
+      np.testing.assert_allclose(out.stages[name][reached], whole.stages[name][reached], rtol=1e-6, atol=1e-7)
+  assert np.isnan(results["compact"].stages["conv3"][expected < 3]).all()
+  assert not np.isnan(results["full"].stages["conv3"]).any()
+
+
+def test_early_exit_needs_heads_that_answer_the_last_task(parity_run, image_run):
+  workdir, _ = parity_run
+  with pytest.raises(ValueError, match=r"^config.inference.stage_exit_threshold: stage level1 predicts 'level_1', "
+                     r"not the last stage's 'level_3' \(another task\); its threshold must be 1.0 \(no exit\)$"):
+    predict.Predictor.from_workdir(workdir, config=_with_exit(workdir, stage=(0.9, 1.0)))
+  # One threshold for the whole chain applies to the heads that answer the last task: none here.
+  out = predict.Predictor.from_workdir(workdir, config=_with_exit(workdir, 0.0))(np.zeros((3, 64), np.float32))
+  np.testing.assert_array_equal(out.exit_stages, 3)
+  with pytest.raises(ValueError, match=r"^exit_impl='sorted': use one of compact, mask, full$"):
+    predict.Predictor.from_workdir(image_run[0], exit_impl="sorted")
