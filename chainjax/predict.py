@@ -73,6 +73,7 @@ def exit_thresholds(config: ml_collections.ConfigDict, specs) -> dict[int, float
   where every other example ends): those with a threshold below 1.0. Such a stage needs a head that answers
   the last stage's task (the same label shape and classes); otherwise one `ConfigError` names the field."""
   stages, n = config.chain.stages, len(config.chain.stages)
+  capable = exit_capable(config, specs)
   per_stage = tuple(config.inference.stage_exit_threshold) or (config.inference.exit_threshold,) * (n - 1)
   field = ("inference.stage_exit_threshold" if config.inference.stage_exit_threshold
            else "inference.exit_threshold")
@@ -80,7 +81,7 @@ def exit_thresholds(config: ml_collections.ConfigDict, specs) -> dict[int, float
   for i, threshold in enumerate(per_stage):
     if threshold >= 1.0:
       continue
-    if not stages[i].head.enabled or specs[i] != specs[-1]:
+    if i not in capable:
       if config.inference.stage_exit_threshold:
         why = ("has no head" if not stages[i].head.enabled else
                f"predicts {specs[i].name!r}, not the last stage's {specs[-1].name!r} (another task)")
@@ -88,6 +89,13 @@ def exit_thresholds(config: ml_collections.ConfigDict, specs) -> dict[int, float
       continue  # one threshold for the chain: the stages that answer the last task
     out[i] = float(threshold)
   return out
+
+
+def exit_capable(config: ml_collections.ConfigDict, specs) -> tuple[int, ...]:
+  """The stages (indices, the last excluded) an example may exit at: those whose head answers the last
+  stage's task (the same label space, shape and classes)."""
+  stages = config.chain.stages
+  return tuple(i for i in range(len(stages) - 1) if stages[i].head.enabled and specs[i] == specs[-1])
 
 
 def _expand(mask: jax.Array, ndim: int) -> jax.Array:
@@ -200,7 +208,8 @@ class Predictor:
     self.bucket_sizes: tuple[int, ...] = tuple(sizes) + (self.max_batch,)
     self._compiled: dict[int, Any] = {}
     self._heads = tuple((i, name) for i, name in enumerate(exp.stage_names) if exp.config.chain.stages[i].head.enabled)
-    self.exit_thresholds = exit_thresholds(exp.config, exp.task.label_specs)
+    self.exit_capable = exit_capable(exp.config, exp.task.label_specs)
+    self.exit_thresholds = exit_thresholds(exp.config, exp.task.label_specs)  # may be changed between calls
     if exit_impl not in EXIT_IMPLS:
       raise ValueError(f"exit_impl={exit_impl!r}: use one of {', '.join(EXIT_IMPLS)}")
     self.exit_impl = exit_impl
@@ -273,19 +282,28 @@ class Predictor:
       inputs = jax.ShapeDtypeStruct((size,) + tuple(exp.task.input_shape), exp.task.input_dtype,
                                     sharding=exp.batch_sharding)
       abstract = lambda tree: jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
-      forward = functools.partial(self.outputs, skip_exited=self.exit_impl == "mask" and bool(self.exit_thresholds))
+      thresholds = jax.ShapeDtypeStruct((exp.num_stages,), jnp.float32, sharding=exp.replicated)
+      forward = functools.partial(self.outputs, skip_exited=self.exit_impl == "mask")
       self._compiled[size] = jax.jit(forward, out_shardings=exp.batch_sharding).lower(
-          abstract(self.params), abstract(self.rest), inputs).compile()
+          abstract(self.params), abstract(self.rest), inputs, thresholds).compile()
     return self._compiled[size]
 
-  def outputs(self, params, rest, inputs, skip_exited: bool = False) -> dict[str, jax.Array]:
+  def threshold_array(self) -> np.ndarray:
+    """`exit_thresholds` as one float32 per stage, +inf where a stage never exits (a program's argument, so
+    other thresholds do not recompile)."""
+    out = np.full(self.experiment.num_stages, np.inf, np.float32)
+    for i, threshold in self.exit_thresholds.items():
+      out[i] = threshold
+    return out
+
+  def outputs(self, params, rest, inputs, thresholds, skip_exited: bool = False) -> dict[str, jax.Array]:
     """The named outputs of a batch (traceable; what `__call__`, `serving_fn` and the exports compute).
 
     `probabilities_<stage>` for every stage with a head, in chain order (softmax over the class axis of a
     multi-class head, the sigmoid of each logit of a binary one); `classes` [N, *label shape] int32: the
     prediction of the head the example exits at (the last head, without early exit): the most probable
     class, or 1 where the logit is > 0, as `eval/accuracy` counts it; `exit_stage` [N] int32: that stage's
-    number, 1-based (`config.inference.exit_threshold`).
+    number, 1-based. `thresholds`: `threshold_array()`, one per stage.
 
     Every stage runs on the whole batch, except with `skip_exited` (`exit_impl="mask"`): a stage after an
     exit is skipped (`lax.cond`) when every example of the batch has exited, and the probabilities it would
@@ -307,8 +325,8 @@ class Predictor:
       if i in self._head_names:
         outputs[f"{OUTPUT_PREFIX}{self._head_names[i]}"] = out["probabilities"]
         classes[i] = out["classes"]
-      if "confident" in out:
-        confident[i] = out["confident"]
+      if "confidence" in out:
+        confident[i] = out["confidence"] >= thresholds[i]
         done = done | confident[i]
     last = self.experiment.num_stages - 1  # the last stage always has a head (`chain.check_config`)
     chosen, exit_stage = classes[last], jnp.full(inputs.shape[:1], last + 1, jnp.int32)
@@ -321,8 +339,8 @@ class Predictor:
     return nnx.merge(self.experiment.graphdef, self.experiment.policy.cast_to_compute(params), rest)
 
   def _stage_outputs(self, model, index: int, h) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """Stage `index` on `h`: (what it passes on, {"probabilities", "classes", "confident"} of its head,
-    "confident" only where the stage may exit)."""
+    """Stage `index` on `h`: (what it passes on, {"probabilities", "classes", "confidence"} of its head,
+    "confidence" only where the stage may exit)."""
     exp = self.experiment
     with quant.enabled(exp.phases[-1].quantized):
       h, y = model.stage(index, h)
@@ -333,15 +351,16 @@ class Predictor:
     probabilities = jax.nn.sigmoid(logits) if spec.is_binary else jax.nn.softmax(logits, axis=-1)
     out = {"probabilities": probabilities,
            "classes": ((logits > 0) if spec.is_binary else jnp.argmax(logits, axis=-1)).astype(jnp.int32)}
-    if index in self.exit_thresholds:
-      out["confident"] = confidence(probabilities, spec.is_binary) >= self.exit_thresholds[index]
+    if index in self.exit_capable:
+      out["confidence"] = confidence(probabilities, spec.is_binary)
     return h, out
 
   def serving_fn(self):
     """`f(inputs) -> outputs(...)` with the parameters as constants: a function of the inputs alone, on one
     device, for `jax.export` and `jax2tf` (every stage runs; early exit only chooses the answering head)."""
     params, rest = experiment_lib.host_arrays(self.params), experiment_lib.host_arrays(self.rest)
-    return lambda inputs: self.outputs(params, rest, inputs)
+    thresholds = self.threshold_array()
+    return lambda inputs: self.outputs(params, rest, inputs, thresholds)
 
   # Requests.
 
@@ -364,7 +383,8 @@ class Predictor:
   def _whole_chunk(self, x: np.ndarray) -> dict[str, np.ndarray]:
     """Every stage on every example of `x` (<= max_batch), one compiled program per bucket."""
     batch = self._padded(x)
-    out = self._program(batch.shape[0])(self.params, self.rest, batch)
+    thresholds = jax.device_put(self.threshold_array(), self.experiment.replicated)
+    out = self._program(batch.shape[0])(self.params, self.rest, batch, thresholds)
     return jax.tree.map(lambda a: a[:len(x)], experiment_lib.host_arrays(out))
 
   def _compact_chunk(self, x: np.ndarray) -> dict[str, np.ndarray]:
@@ -387,10 +407,10 @@ class Predictor:
       if i == exp.num_stages - 1:
         out["classes"][remaining] = stage_out["classes"]
         break
-      if "confident" not in stage_out or not stage_out["confident"].any():
+      exited = stage_out["confidence"] >= self.exit_thresholds[i] if i in self.exit_thresholds else None
+      if exited is None or not exited.any():
         h = passed  # nobody exits here: the next stage takes the batch as it is
         continue
-      exited = stage_out["confident"]
       out["classes"][remaining[exited]] = stage_out["classes"][exited]
       out["exit_stage"][remaining[exited]] = i + 1
       remaining = remaining[~exited]
