@@ -117,7 +117,7 @@ def _float_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDic
 # --------------------------------------------------------------------------------------------
 
 
-def _held_out(exp: experiment_lib.Experiment) -> tuple[str, Callable[[], Any]]:
+def held_out(exp: experiment_lib.Experiment) -> tuple[str, Callable[[], Any]]:
   """(split name, a function returning a fresh iterator over its padded batches): test if there is one."""
   shard = data_lib.Shard.of_this_process()
   size = exp.config.eval_batch_size
@@ -256,7 +256,7 @@ def compress(config: ml_collections.ConfigDict, workdir: str, heartbeat: Callabl
   if restored is None:
     raise WorkdirError(f"--workdir={workdir}: no checkpoint restores (every step is incomplete or unreadable)")
   step, state, _ = restored
-  split, batches = _held_out(float_exp)
+  split, batches = held_out(float_exp)
   axes = ptq.axes_of(quant.weight_channel_axes(nnx.merge(float_exp.graphdef, state.params, state.rest)))
   host_params = experiment_lib.host_arrays(state.params)
   source = fingerprint(host_params)
@@ -321,4 +321,5 @@ def summary(report: dict) -> str:
   return "\n".join(lines)
 
 
-__all__ = ["bytes_form", "compress", "fingerprint", "has_qat", "headline", "plot_sensitivity", "summary", "validate"]
+__all__ = ["bytes_form", "compress", "fingerprint", "has_qat", "headline", "held_out", "plot_sensitivity", "summary",
+           "validate"]

@@ -164,6 +164,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.inference = ml_collections.ConfigDict()
   c.inference.exit_threshold = 1.0  # every stage before the last; 1.0 = no early exit
   c.inference.stage_exit_threshold = ()  # one threshold per stage before the last; empty = `exit_threshold`
+  # --mode=early_exit_report (chainjax.early_exit): the thresholds swept, each for every stage that may exit.
+  c.inference.report_thresholds = (0.0, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.98, 0.99, 0.995, 0.999, 1.0)
 
   c.mesh = ml_collections.ConfigDict()
   c.mesh.model = 1  # devices per model replica (the `model` mesh axis); data axis = devices / model
@@ -221,7 +223,7 @@ _SEEDS = ("seed", "data.seed")
 MAX_SEED = 2**32 - 1
 _NUMBER_TUPLES = ("chain.loss_weights", "chain.phase_steps", "optim.boundaries", "optim.scales",
                   "compress.prune.stage_sparsity", "compress.ptq_bits", "compress.sensitivity_sparsity",
-                  "inference.stage_exit_threshold")
+                  "inference.stage_exit_threshold", "inference.report_thresholds")
 MIN_BITS, MAX_BITS = 2, 8  # the integer widths of chainjax.compress (quant.MIN_BITS, quant.MAX_BITS)
 
 
@@ -327,6 +329,9 @@ def _check_inference(config: ml_collections.ConfigDict) -> None:
                       f"the last ({n - 1}), or none")
   if any(not 0.0 <= t <= 1.0 for t in thresholds):
     raise ConfigError("inference.stage_exit_threshold", f"thresholds must be in [0, 1], got {thresholds}")
+  sweep = tuple(inference.report_thresholds)
+  if not sweep or any(not 0.0 <= t <= 1.0 for t in sweep):
+    raise ConfigError("inference.report_thresholds", f"must be thresholds in [0, 1], at least one, got {sweep}")
 
 
 def validate(config: ml_collections.ConfigDict, num_devices: int = 1) -> None:

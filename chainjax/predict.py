@@ -196,6 +196,7 @@ class Predictor:
                weights: str = "float", max_batch: int | None = None, exit_impl: str = "compact"):
     self.experiment, self.step, self.weights = exp, step, weights
     self.params, self.rest = state.params, state.rest
+    self._state = state
     self._data = exp.mesh.shape["data"]
     max_batch = max_batch or exp.config.eval_batch_size
     if max_batch < 1:
@@ -215,6 +216,13 @@ class Predictor:
     self.exit_impl = exit_impl
     self._head_names = dict(self._heads)
     self._stage_programs: dict[int, Any] = {}
+
+  def with_exit_impl(self, exit_impl: str) -> "Predictor":
+    """The same parameters and thresholds with another `exit_impl` (its programs compile anew)."""
+    other = Predictor(self.experiment, self._state, step=self.step, weights=self.weights, max_batch=self.max_batch,
+                      exit_impl=exit_impl)
+    other.exit_thresholds = dict(self.exit_thresholds)
+    return other
 
   @classmethod
   def from_workdir(cls, workdir: str, step: int | None = None, weights: str = "float",

@@ -171,6 +171,8 @@ BAD_VALUES = [
     ("inference.exit_threshold", -0.1, "config.inference.exit_threshold: must be in [0, 1]"),
     ("inference.stage_exit_threshold", (0.9,), "config.inference.stage_exit_threshold: has 1 entries: give one per "
      "stage before the last (2), or none"),
+    ("inference.report_thresholds", (), "config.inference.report_thresholds: must be thresholds in [0, 1], at least one"),
+    ("inference.report_thresholds", (0.5, 2.0), "config.inference.report_thresholds: must be thresholds in [0, 1]"),
     ("inference.stage_exit_threshold", (0.9, 1.1), "config.inference.stage_exit_threshold: thresholds must be in "
      "[0, 1], got (0.9, 1.1)"),
     ("optim.optimizer", "rmsprop", "config.optim.optimizer: 'rmsprop' is not one of: adam, adamw, sgd, lamb, "

@@ -11,6 +11,7 @@ import pytest
 import helpers
 import tiny_tfds
 from chainjax import compression
+from chainjax import early_exit
 from chainjax import predict
 from chainjax import train
 from chainjax.data import base
@@ -250,3 +251,35 @@ def test_early_exit_needs_heads_that_answer_the_last_task(parity_run, image_run)
   np.testing.assert_array_equal(out.exit_stages, 3)
   with pytest.raises(ValueError, match=r"^exit_impl='sorted': use one of compact, mask, full$"):
     predict.Predictor.from_workdir(image_run[0], exit_impl="sorted")
+
+
+def test_early_exit_report_curve_is_exact_and_written(image_run, parity_run):
+  workdir, _ = image_run
+  config = _with_exit(workdir)
+  config.inference.report_thresholds = (0.0, 0.5, 1.0)
+  result = early_exit.report(config, workdir)
+  predictor = predict.Predictor.from_workdir(workdir)
+  _, inputs, labels = early_exit.held_out_set(predictor)
+  n, whole = len(inputs), predictor(inputs)
+  rows = {row["threshold"]: row for row in result["rows"]}
+  assert list(rows) == ["full", 0.0, 0.5, 1.0] and result["exit_stages"] == ["conv1", "conv2"]
+  for row in rows.values():
+    assert sum(row["exits"]) == n
+  assert rows["full"]["accuracy"] == rows[1.0]["accuracy"] == np.mean(whole.classes == labels)
+  assert rows[1.0]["exits"] == [0, 0, n] and rows[1.0]["mean_stages"] == 3.0
+  assert rows[0.0]["exits"] == [n, 0, 0] and rows[0.0]["mean_stages"] == 1.0
+  assert rows[0.0]["accuracy"] == np.mean(whole.stages["conv1"].argmax(-1) == labels)
+  halfway = predict.Predictor.from_workdir(workdir, config=_with_exit(workdir, 0.5))(inputs)  # the predictor agrees
+  assert rows[0.5]["exits"] == np.bincount(halfway.exit_stages, minlength=4)[1:].tolist()
+  assert rows[0.5]["accuracy"] == np.mean(halfway.classes == labels)
+  assert all(rows["full"][f"full_ms_batch{b}"] > 0 and rows[0.5][f"mask_ms_batch{b}"] > 0 for b in (1, 256))
+  saved = json.loads(open(os.path.join(workdir, "early_exit", "curve.json")).read())
+  assert saved["rows"] == json.loads(json.dumps(result["rows"]))
+  assert open(os.path.join(workdir, "early_exit", "curve.png"), "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+
+  parity = parity_run[0]
+  config = _with_exit(parity)
+  config.inference.report_thresholds = (0.5,)
+  result = early_exit.report(config, parity)
+  assert result["exit_stages"] == [] and "every example runs the whole chain" in result["note"]
+  assert [row["mean_stages"] for row in result["rows"]] == [3.0, 3.0]
