@@ -22,6 +22,14 @@ as the run's evaluation (`experiment.make_eval_step`), so the classes reproduce 
     out = predictor(inputs)                  # inputs: float32 [N, 64]
     out.classes, out.probabilities, out.stages["level1"]
 
+The command line answers a file of examples:
+
+    python -m chainjax.predict --workdir=W | --export_dir=W/export --input=FILE [--output=OUT.jsonl]
+
+FILE is a text file (one example per line, text models), a `.npy` / `.npz` array, or a folder of images;
+one line per example (its name, the prediction, its probability, and the stage that answered when the
+chain has several heads), or one JSON object per example with `--output`. Bad input: one line, exit 2.
+
 Bad input is one `ValueError` naming what is wrong (a `ConfigError`, also a ValueError, for a config
 that no longer validates): a workdir without a config or checkpoint, integer weights that
 `--mode=compress` has not written (or wrote for other parameters), a batch of the wrong shape or
@@ -31,9 +39,11 @@ dtype, an empty batch.
 from __future__ import annotations
 
 import functools
+import io
 import json
 import os
 import re
+import sys
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
@@ -513,4 +523,149 @@ def _integer_params(exp: experiment_lib.Experiment, state: experiment_lib.TrainS
                  out_shardings=exp.state_shardings.params)(restored[1])
 
 
+# The command line: `python -m chainjax.predict`.
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
+
+
+def read_input(path: str, text_model: bool, input_shape: tuple[int, ...]) -> tuple[list[str], Any]:
+  """(example names, the examples) of `--input`: a text file (one example per line, text models), a `.npy`
+  array or `.npz` archive (one array, or the one named `inputs`), or a folder of images (sorted by file name,
+  kept as uint8: the model scales them as in training). One ValueError for what cannot be read."""
+  p = epath.Path(path)
+  if not p.exists():
+    raise ValueError(f"--input={path} does not exist")
+  if p.is_dir():
+    files = sorted(f for f in p.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+      raise ValueError(f"--input={path}: a folder with no image ({', '.join(IMAGE_SUFFIXES)})")
+    from PIL import Image  # pylint: disable=import-outside-toplevel
+    images = []
+    for f in files:
+      try:
+        with Image.open(f) as image:
+          channels = input_shape[-1] if len(input_shape) == 3 else 1
+          array = np.asarray(image.convert("L" if channels == 1 else "RGB"), np.uint8)
+      except (OSError, ValueError) as e:
+        raise ValueError(f"--input: {f} is not a readable image ({str(e).splitlines()[0]})") from None
+      array = array.reshape(array.shape[:2] + ((1,) if len(input_shape) == 3 and channels == 1 else ()))
+      if array.shape != tuple(input_shape):
+        raise ValueError(f"--input: {f} is {array.shape[1]}x{array.shape[0]} pixels (shape {array.shape}); the "
+                         f"model takes images of shape {tuple(input_shape)}")
+      images.append(array)
+    return [f.name for f in files], np.stack(images)
+  if p.suffix in (".npy", ".npz"):
+    try:
+      with p.open("rb") as f:
+        loaded = np.load(io.BytesIO(f.read()), allow_pickle=False)
+    except (OSError, ValueError) as e:
+      raise ValueError(f"--input={path} is not a readable {p.suffix} file ({str(e).splitlines()[0]})") from None
+    if p.suffix == ".npz":
+      keys = list(loaded.keys())
+      if len(keys) != 1 and "inputs" not in keys:
+        raise ValueError(f"--input={path} holds arrays {keys}: name the model inputs `inputs`")
+      loaded = loaded["inputs" if "inputs" in keys else keys[0]]
+    return [str(i) for i in range(len(loaded))] if loaded.ndim else [], loaded
+  if not text_model:
+    raise ValueError(f"--input={path}: use a .npy or .npz array or a folder of images (a text file is for text models)")
+  lines = p.read_text().splitlines()
+  return [str(i + 1) for i in range(len(lines))], lines
+
+
+def answers(outputs: dict[str, np.ndarray], stage_names: Sequence[str], head_stages: Sequence[str],
+            binary: bool) -> list[dict]:
+  """One dict per example from named outputs (`Predictor.outputs`'s names): its prediction, the probability
+  of that prediction by the head that gave it, the exit stage, and every head's probabilities."""
+  rows = []
+  for k, (cls, stage) in enumerate(zip(outputs["classes"], outputs["exit_stage"])):
+    p = np.asarray(outputs[f"{OUTPUT_PREFIX}{stage_names[stage - 1]}"][k])
+    probability = np.where(cls == 1, p, 1 - p) if binary else np.take_along_axis(p, np.asarray(cls)[..., None], -1)[..., 0]
+    rows.append({"prediction": np.asarray(cls).tolist(), "probability": np.round(probability, 6).tolist(),
+                 "exit_stage": int(stage), "stage": stage_names[stage - 1],
+                 "probabilities": {name: np.round(outputs[f"{OUTPUT_PREFIX}{name}"][k], 6).tolist()
+                                   for name in head_stages}})
+  return rows
+
+
+def _define_flags():
+  from absl import flags  # pylint: disable=import-outside-toplevel
+  flags.DEFINE_string("workdir", None, "A trained run's workdir (its newest good checkpoint).")
+  flags.DEFINE_string("export_dir", None, "Or an export folder written by --mode=export (no workdir needed).")
+  flags.DEFINE_string("input", None, "A text file (one example per line), a .npy / .npz array, or a folder of "
+                      "images.")
+  flags.DEFINE_string("output", None, "Write one JSON object per example (JSONL) here instead of printing lines.")
+  flags.DEFINE_integer("step", None, "With --workdir: the checkpoint of this step instead of the newest.")
+  flags.DEFINE_string("weights", "float", "With --workdir: float, or int8 / int4 (the integers of --mode=compress).")
+  flags.DEFINE_float("exit_threshold", None, "Early exit: this threshold for every stage that may exit "
+                     "(default: the run's config.inference).")
+  flags.mark_flags_as_mutual_exclusive(["workdir", "export_dir"], required=True)
+  flags.mark_flag_as_required("input")
+  return flags.FLAGS
+
+
+def predict_main(flag_values) -> int:
+  """`python -m chainjax.predict`: prints (or writes as JSONL) one answer per example; 0, or 2 with one line."""
+  try:
+    if flag_values.export_dir:
+      from chainjax import export  # pylint: disable=import-outside-toplevel
+      model = export.load(flag_values.export_dir)
+      manifest = model.manifest
+      stage_names = [s["name"] for s in manifest["stages"]]
+      heads = [s["name"] for s in manifest["stages"] if s.get("head")]
+      binary = manifest["stages"][-1]["head"]["binary"]
+      text_model = "text" in manifest.get("preprocessing", {})
+      if flag_values.exit_threshold is not None:
+        raise ValueError("--exit_threshold applies to --workdir; an export's thresholds are fixed at export "
+                         "(config.inference)")
+      names, examples = read_input(flag_values.input, text_model, tuple(model.input_shape))
+      if not names:
+        raise ValueError(f"--input={flag_values.input} holds no example")
+      outputs = model(examples)
+    else:
+      config = load_config(flag_values.workdir) if epath.Path(flag_values.workdir).is_dir() else None
+      if config is not None and flag_values.exit_threshold is not None:
+        config.inference.exit_threshold, config.inference.stage_exit_threshold = flag_values.exit_threshold, ()
+      predictor = Predictor.from_workdir(flag_values.workdir, step=flag_values.step, weights=flag_values.weights,
+                                         config=config)
+      exp = predictor.experiment
+      stage_names, heads = exp.stage_names, [name for _, name in predictor._heads]  # pylint: disable=protected-access
+      binary = exp.task.label_specs[-1].is_binary
+      names, examples = read_input(flag_values.input, exp.config.data.name in data_lib.TEXT,
+                                   tuple(exp.task.input_shape))
+      if not names:
+        raise ValueError(f"--input={flag_values.input} holds no example")
+      prediction = predictor(examples)
+      outputs = {f"{OUTPUT_PREFIX}{name}": p for name, p in prediction.stages.items()}
+      outputs.update(classes=prediction.classes, exit_stage=prediction.exit_stages)
+  except ValueError as e:
+    print(f"chainjax.predict: error: {e}", file=sys.stderr)
+    return 2
+  rows = answers(outputs, stage_names, heads, binary)
+  if flag_values.output:
+    lines = "".join(json.dumps({"example": name, **row}) + "\n" for name, row in zip(names, rows))
+    tmp = epath.Path(f"{flag_values.output}.tmp")
+    tmp.write_text(lines)
+    tmp.replace(flag_values.output)
+    print(f"{len(rows)} predictions written to {flag_values.output}")
+  else:
+    early = any(row["exit_stage"] != len(stage_names) for row in rows) or len(heads) > 1
+    for name, row in zip(names, rows):
+      line = f"{name}\t{row['prediction']}\t{row['probability']}"
+      print(line + (f"\tstage {row['exit_stage']} ({row['stage']})" if early else ""))
+  return 0
+
+
+def _main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+  sys.exit(predict_main(flags.FLAGS))
+
+
 __all__ = ["CONFIG_FILE", "Prediction", "Predictor", "load_config"]
+
+
+if __name__ == "__main__":
+  from absl import app  # pylint: disable=g-import-not-at-top
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  _define_flags()
+  app.run(_main)

@@ -2,13 +2,19 @@
 
 import json
 import os
+import re
 import shutil
+import subprocess
+import sys
+import types
 
 import jax
 import numpy as np
+import PIL.Image
 import pytest
 
 import helpers
+import processes
 import tiny_tfds
 from chainjax import compression
 from chainjax import early_exit
@@ -283,3 +289,73 @@ def test_early_exit_report_curve_is_exact_and_written(image_run, parity_run):
   result = early_exit.report(config, parity)
   assert result["exit_stages"] == [] and "every example runs the whole chain" in result["note"]
   assert [row["mean_stages"] for row in result["rows"]] == [3.0, 3.0]
+
+
+def _flags(**values):
+  defaults = dict(workdir=None, export_dir=None, input=None, output=None, step=None, weights="float",
+                  exit_threshold=None)
+  return types.SimpleNamespace(**{**defaults, **values})
+
+
+def test_predict_command_on_arrays_texts_and_images(parity_run, image_run, tmp_path, capsys):
+  workdir, _ = parity_run
+  predictor = predict.Predictor.from_workdir(workdir)
+  x = _eval_set(predictor)[0][:5]
+  np.save(tmp_path / "x.npy", x)
+  np.savez(tmp_path / "x.npz", inputs=x, other=x[:1])
+  expected = predictor(x)
+  assert predict.predict_main(_flags(workdir=workdir, input=str(tmp_path / "x.npy"))) == 0
+  lines = capsys.readouterr().out.splitlines()
+  assert len(lines) == 5
+  for line, cls, p in zip(lines, expected.classes, expected.probabilities):  # index, class, its probability
+    index, prediction, probability, stage = line.split("\t")
+    assert int(prediction) == cls and float(probability) == pytest.approx(p if cls else 1 - p, abs=1e-6)
+    assert stage == "stage 3 (level3)"
+  out = tmp_path / "out.jsonl"
+  assert predict.predict_main(_flags(workdir=workdir, input=str(tmp_path / "x.npz"), output=str(out))) == 0
+  assert capsys.readouterr().out == f"5 predictions written to {out}\n"
+  rows = [json.loads(line) for line in open(out)]
+  assert [r["example"] for r in rows] == ["0", "1", "2", "3", "4"] and [r["prediction"] for r in rows] == \
+      expected.classes.tolist()
+  np.testing.assert_allclose([r["probabilities"]["level1"] for r in rows], expected.stages["level1"], atol=1e-6)
+
+  images_dir = image_run[0]
+  images = predict.Predictor.from_workdir(images_dir)
+  folder = tmp_path / "images"
+  folder.mkdir()
+  source = images.experiment.task.eval_source
+  raw = np.stack([source[i]["image"] for i in range(4)])
+  for i, image in enumerate(raw):
+    PIL.Image.fromarray(image[..., 0]).save(folder / f"{i:02d}.png")
+  (folder / "notes.txt").write_text("not an image")
+  assert predict.predict_main(_flags(workdir=images_dir, input=str(folder), exit_threshold=0.0)) == 0
+  lines = capsys.readouterr().out.splitlines()
+  from_arrays = images(raw)
+  assert [line.split("\t")[0] for line in lines] == ["00.png", "01.png", "02.png", "03.png"]
+  assert [int(line.split("\t")[1]) for line in lines] == from_arrays.stages["conv1"].argmax(-1).tolist()  # all exit at 1
+  assert all(line.endswith("stage 1 (conv1)") for line in lines)
+
+  bad = [(_flags(workdir=workdir, input=str(tmp_path / "missing.npy")), r"missing.npy does not exist"),
+         (_flags(workdir=workdir, input=str(folder)), r"no image|shape"),
+         (_flags(workdir=str(tmp_path / "nowhere"), input=str(tmp_path / "x.npy")), r"nowhere does not exist"),
+         (_flags(workdir=images_dir, input=str(tmp_path / "x.npy")), r"inputs: shape \(5, 64\)"),
+         (_flags(workdir=workdir, input=str(out)), r"use a .npy or .npz array or a folder of images")]
+  np.save(tmp_path / "empty.npy", np.zeros((0, 64), np.float32))
+  bad.append((_flags(workdir=workdir, input=str(tmp_path / "empty.npy")), r"holds no example"))
+  for values, message in bad:
+    assert predict.predict_main(values) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("chainjax.predict: error: ") and re.search(message, err), err
+
+
+def test_predict_command_line(parity_run, tmp_path):
+  workdir, _ = parity_run
+  np.save(tmp_path / "x.npy", np.zeros((3, 64), np.float32))
+  run = lambda name: subprocess.run(  # one device: a run trained on 8 serves on 1
+      [sys.executable, "-m", "chainjax.predict", f"--workdir={workdir}", f"--input={tmp_path / name}"],
+      cwd=helpers.REPO, env=processes.env(1), capture_output=True, text=True, timeout=240)
+  ok = run("x.npy")
+  assert ok.returncode == 0 and len(ok.stdout.splitlines()) == 3, ok.stderr[-3000:]
+  assert all(line.split("\t")[1] in ("0", "1") for line in ok.stdout.splitlines())
+  bad = run("y.npy")
+  assert bad.returncode == 2 and bad.stderr.strip().splitlines()[-1].endswith("y.npy does not exist"), bad.stderr
