@@ -37,7 +37,8 @@ REPORT_DIR = "early_exit"
 CURVE = "curve.json"
 PLOT = "curve.png"
 LATENCY_BATCHES = (256, 1)
-LATENCY_EXAMPLES = {256: 1024, 1: 64}  # examples timed per batch size (the first of the held-out set)
+LATENCY_EXAMPLES = {256: 1024, 1: 128}  # examples timed per batch size (the first of the held-out set)
+LATENCY_REPEATS = 3  # timed passes; the fastest counts
 
 
 def held_out_set(predictor: predict.Predictor) -> tuple[str, np.ndarray, np.ndarray]:
@@ -74,11 +75,14 @@ def _latency_ms(predictor: predict.Predictor, x: np.ndarray, batch: int, heartbe
   requests = [x[i:i + batch] for i in range(0, len(x), batch)]
   for request in requests:  # an untimed pass compiles every program the timed one runs (which stages run
     predictor(request)      # on which bucket sizes depends on the examples that exit)
-  start = time.perf_counter()
-  for request in requests:
-    predictor(request)
-    heartbeat()
-  return 1e3 * (time.perf_counter() - start) / len(x)
+  best = float("inf")
+  for _ in range(LATENCY_REPEATS):  # the fastest pass: the least disturbed by other work on the machine
+    start = time.perf_counter()
+    for request in requests:
+      predictor(request)
+      heartbeat()
+    best = min(best, time.perf_counter() - start)
+  return 1e3 * best / len(x)
 
 
 def curve(predictor: predict.Predictor, inputs: np.ndarray, labels: np.ndarray, thresholds,
@@ -127,7 +131,8 @@ def report(config: ml_collections.ConfigDict, workdir: str, heartbeat: Callable[
       "exit_stages": [exp.stage_names[i] for i in predictor.exit_capable],
       "confidence": "max softmax probability (multi-class heads) or sigmoid margin |2p - 1| (binary heads)",
       "latency": f"ms per example on {jax.device_count()} {jax.devices()[0].platform} device(s), the first "
-                 + ", ".join(f"{LATENCY_EXAMPLES[b]} examples at batch {b}" for b in LATENCY_BATCHES),
+                 + ", ".join(f"{LATENCY_EXAMPLES[b]} examples at batch {b}" for b in LATENCY_BATCHES)
+                 + f", the fastest of {LATENCY_REPEATS} passes after one untimed pass",
       "rows": rows,
   }
   if not predictor.exit_capable:

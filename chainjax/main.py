@@ -3,6 +3,8 @@
 `--mode=train` (the default) trains, resuming from the workdir's newest good checkpoint;
 `--mode=compress` quantizes the trained checkpoint of the workdir after training (int8 and int4
 weights), evaluates every variant and writes `DIR/compress/report.json` (`chainjax.compression`).
+`--mode=export` writes the trained chain for serving to `DIR/export/` (`chainjax.export`);
+`--mode=early_exit_report` sweeps the early-exit thresholds on the eval set (`chainjax.early_exit`).
 
 Multi-host: run the same command on every host (the workdir must be shared), adding
 
@@ -55,10 +57,12 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config fil
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Where checkpoints, metrics and TensorBoard logs go.")
 _MODE = flags.DEFINE_enum(
-    "mode", "train", ["train", "compress"],
+    "mode", "train", ["train", "compress", "export", "early_exit_report"],
     "train: train (or resume) in --workdir. compress: post-training quantization of --workdir's trained "
     "checkpoint, evaluated and reported in <workdir>/compress/ (config.compress.* choose the widths and "
-    "the per-stage sensitivity scan).")
+    "the per-stage sensitivity scan). export: the trained chain as StableHLO, a TensorFlow SavedModel and "
+    "TFLite models in <workdir>/export/ with a manifest.json. early_exit_report: accuracy against stages "
+    "computed and latency over a sweep of early-exit thresholds on the eval set, in <workdir>/early_exit/.")
 _DISTRIBUTED = flags.DEFINE_enum(
     "distributed", "auto", ["auto", "on", "off"],
     "Call jax.distributed.initialize: auto = when --coordinator_address is given or a cluster "
@@ -380,10 +384,23 @@ def main(argv: list[str]) -> None:
       if _MODE.value == "compress":
         compression.compress(config, _WORKDIR.value, heartbeat=step_watchdog.beat)
         return
+      if _MODE.value == "export":
+        from chainjax import export  # pylint: disable=import-outside-toplevel
+        step_watchdog.stop()  # TensorFlow's converters run long between heartbeats
+        export.export_workdir(config, _WORKDIR.value)
+        return
+      if _MODE.value == "early_exit_report":
+        from chainjax import early_exit  # pylint: disable=import-outside-toplevel
+        early_exit.report(config, _WORKDIR.value, heartbeat=step_watchdog.beat)
+        return
       final = train.train_and_evaluate(config, _WORKDIR.value,  # validates config and data first
                                        heartbeat=step_watchdog.beat,
                                        allow_config_change=_ALLOW_CONFIG_CHANGE.value)
   except (errors.ConfigError, errors.WorkdirError) as e:
+    _fail(str(e), EXIT_BAD_CONFIG)
+  except ValueError as e:  # export and early_exit_report: a workdir or request that cannot be served
+    if _MODE.value in ("train", "compress"):
+      raise
     _fail(str(e), EXIT_BAD_CONFIG)
   except errors.NonFiniteLossError as e:
     _fail(str(e), EXIT_NONFINITE)

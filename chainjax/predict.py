@@ -108,6 +108,14 @@ def exit_capable(config: ml_collections.ConfigDict, specs) -> tuple[int, ...]:
   return tuple(i for i in range(len(stages) - 1) if stages[i].head.enabled and specs[i] == specs[-1])
 
 
+def first_argmax(x: jax.Array) -> jax.Array:
+  """`jnp.argmax(x, axis=-1)` (the first of equal maxima) with two plain reductions: argmax lowers to a
+  reduction over (value, index) pairs, which the TFLite converter cannot legalize."""
+  n = x.shape[-1]
+  index = jnp.arange(n, dtype=jnp.int32)
+  return jnp.min(jnp.where(x == jnp.max(x, axis=-1, keepdims=True), index, n), axis=-1)
+
+
 def _expand(mask: jax.Array, ndim: int) -> jax.Array:
   return mask.reshape(mask.shape + (1,) * (ndim - mask.ndim))
 
@@ -366,9 +374,11 @@ class Predictor:
       return h, {}
     spec = exp.task.label_specs[index]
     logits = exp.policy.cast_to_output(y).astype(jnp.float32)
-    probabilities = jax.nn.sigmoid(logits) if spec.is_binary else jax.nn.softmax(logits, axis=-1)
+    # The sigmoid as tanh: its usual lowering, 1 / (1 + exp(-x)), divides by a denominator that a full-int8
+    # TFLite model can quantize to zero (exp(-x) spans many orders of magnitude); tanh is one int8 op.
+    probabilities = (0.5 * jnp.tanh(0.5 * logits) + 0.5) if spec.is_binary else jax.nn.softmax(logits, axis=-1)
     out = {"probabilities": probabilities,
-           "classes": ((logits > 0) if spec.is_binary else jnp.argmax(logits, axis=-1)).astype(jnp.int32)}
+           "classes": ((logits > 0) if spec.is_binary else first_argmax(logits)).astype(jnp.int32)}
     if index in self.exit_capable:
       out["confidence"] = confidence(probabilities, spec.is_binary)
     return h, out
