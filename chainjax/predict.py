@@ -617,8 +617,8 @@ def predict_main(flag_values) -> int:
   """`python -m chainjax.predict`: prints (or writes as JSONL) one answer per example; 0, or 2 with one line."""
   try:
     if flag_values.export_dir:
-      from chainjax import export  # pylint: disable=import-outside-toplevel
-      model = export.load(flag_values.export_dir)
+      from chainjax import exported  # pylint: disable=import-outside-toplevel
+      model = exported.load(flag_values.export_dir)
       manifest = model.manifest
       stage_names = [s["name"] for s in manifest["stages"]]
       heads = [s["name"] for s in manifest["stages"] if s.get("head")]

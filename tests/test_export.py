@@ -163,8 +163,8 @@ def test_stablehlo_runs_without_tensorflow(parity):
   workdir, _ = parity
   x = _eval_inputs(predict.Predictor.from_workdir(workdir), 5)
   np.save(os.path.join(workdir, "x.npy"), x)
-  script = ("import sys, json, numpy as np; from chainjax import export; "
-            "out = export.load(sys.argv[1])(np.load(sys.argv[2])); "
+  script = ("import sys, json, numpy as np; from chainjax import exported; "
+            "out = exported.load(sys.argv[1])(np.load(sys.argv[2])); "
             "assert 'tensorflow' not in sys.modules, 'tensorflow was imported'; "
             "print(json.dumps(out['classes'].tolist()))")
   proc = subprocess.run([sys.executable, "-c", script, os.path.join(workdir, export.EXPORT_DIR),
