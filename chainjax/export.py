@@ -35,6 +35,7 @@ and writes `W/export/` (built beside it, then renamed into place: a failed expor
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -47,6 +48,7 @@ from typing import Any
 import jax
 import ml_collections
 import numpy as np
+from absl import logging as absl_logging
 from etils import epath
 
 from chainjax import data as data_lib
@@ -89,14 +91,15 @@ def export_workdir(config: ml_collections.ConfigDict, workdir: str) -> dict:
       manifest["errors"][SAVED_MODEL] = "skipped: TensorFlow is not installed (pip install 'chainjax[export]')"
     if tf is not None:
       manifest["tensorflow_version"] = tf.__version__
-      module = _tf_module(tf, fn, exp, manifest, workdir)
-      tf.saved_model.save(module, os.fspath(building / SAVED_MODEL), signatures=module.serving_signatures)
-      for kind, name in TFLITE.items():
-        try:
-          (building / name).write_bytes(_tflite(tf, module, kind, exp))
-        except Exception as e:  # pylint: disable=broad-except
-          manifest["errors"][name] = _conversion_error(tf, predictor, kind, name, e)
-          logging.warning("%s", manifest["errors"][name])
+      with keeping_log_levels():
+        module = _tf_module(tf, fn, exp, manifest, workdir)
+        tf.saved_model.save(module, os.fspath(building / SAVED_MODEL), signatures=module.serving_signatures)
+        for kind, name in TFLITE.items():
+          try:
+            (building / name).write_bytes(_tflite(tf, module, kind, exp))
+          except Exception as e:  # pylint: disable=broad-except
+            manifest["errors"][name] = _conversion_error(tf, predictor, kind, name, e)
+            logging.warning("%s", manifest["errors"][name])
     manifest["files"] = _files(building)
     (building / MANIFEST).write_text(json.dumps(manifest, indent=2))
     if final.exists():
@@ -111,6 +114,24 @@ def export_workdir(config: ml_collections.ConfigDict, workdir: str) -> dict:
       shutil.rmtree(os.fspath(building), ignore_errors=True)
   print(summary(manifest, os.fspath(final)), flush=True)
   return manifest
+
+
+@contextlib.contextmanager
+def keeping_log_levels():
+  """Gives absl's verbosity and logger level back as they were after TensorFlow ran.
+
+  Walking a module for a SavedModel or a TFLite conversion sets absl's verbosity to FATAL and then to
+  TensorFlow's own level (WARNING), and leaves it there: without this, a process that exports and then
+  trains (a notebook, the test suite) would lose every INFO line after the export.
+  """
+  absl_logger, root = absl_logging.get_absl_logger(), logging.getLogger()
+  verbosity, absl_level, root_level = absl_logging.get_verbosity(), absl_logger.level, root.level
+  try:
+    yield
+  finally:
+    absl_logging.set_verbosity(verbosity)  # also sets the root level where absl's handler is installed
+    absl_logger.setLevel(absl_level)
+    root.setLevel(root_level)
 
 
 def summary(manifest: dict, directory: str) -> str:

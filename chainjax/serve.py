@@ -66,8 +66,9 @@ class Stopping(RuntimeError):
 
 
 def one_line(error: BaseException | str) -> str:
-  text = error if isinstance(error, str) else (str(error).strip().splitlines() or [""])[0]
-  return text if isinstance(error, str) or text else type(error).__name__
+  """The first line of a message (an error without one: its type's name), for a JSON error or stderr."""
+  lines = str(error).strip().splitlines()
+  return lines[0] if lines else ("" if isinstance(error, str) else type(error).__name__)
 
 
 @dataclasses.dataclass
@@ -297,8 +298,8 @@ class Server:
     instances = body[key]
     if isinstance(instances, dict):  # columnar with named inputs: {"inputs": {"<input name>": [...]}}
       if row or set(instances) != {input_name}:
-        raise _HTTPError(400, f"\"{key}\" must be a list of examples" + ("" if row else
-                              f" or {{\"{input_name}\": [...]}} (the model's one input), got keys {sorted(instances)}"))
+        expected = "a list of examples" + ("" if row else f" or {{\"{input_name}\": [...]}} (the model's one input)")
+        raise _HTTPError(400, f"\"{key}\" must be {expected}, got an object with keys {sorted(instances)}")
       instances = instances[input_name]
     if not isinstance(instances, list):
       raise _HTTPError(400, f"\"{key}\" must be a list of examples, got {_json_type(instances)}")
@@ -308,6 +309,8 @@ class Server:
         raise _HTTPError(400, f"instances[{bad}]: keys {sorted(instances[bad])}; the model's one input is "
                               f"{input_name!r}")
       instances = [v[input_name] for v in instances]
+    if self.state == "loading":
+      raise _HTTPError(503, "the model is loading; /healthz says when it is ready")
     if len(instances) > self.max_instances:
       raise _HTTPError(413, f"{len(instances)} instances: at most {self.max_instances} per request")
     try:
@@ -327,7 +330,7 @@ class Server:
 
   def route(self, raw_path: str) -> str:
     """"predict", "status", "metadata" or "health" for a request path; a 404 _HTTPError otherwise."""
-    path = urllib.parse.unquote(urllib.parse.urlsplit(raw_path).path).rstrip("/")
+    path = urllib.parse.unquote(raw_path.partition("?")[0]).rstrip("/")
     if path == "/healthz":
       return "health"
     prefix, predict_path = "/v1/models/", f"/v1/models/{self.model_name}:predict"

@@ -18,3 +18,22 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # always dispatched asynchronously: chainjax bounds how many run ahead with
 # `parallel.DispatchWindow`, which is what keeps 8 fake devices from deadlocking).
 os.environ.setdefault("JAX_CPU_ENABLE_ASYNC_DISPATCH", "false")
+
+import logging  # noqa: E402  (after the environment above, which must come before anything imports jax)
+
+import pytest  # noqa: E402
+from absl import logging as absl_logging  # noqa: E402
+
+
+def _log_levels():
+  return absl_logging.get_verbosity(), absl_logging.get_absl_logger().level, logging.getLogger().level
+
+
+@pytest.fixture(autouse=True)
+def _log_levels_unchanged():
+  """Fails the test that leaves absl's verbosity or a logger level changed (TensorFlow's SavedModel walk
+  did): every later test that reads INFO lines through caplog would fail instead, far from the cause."""
+  before = _log_levels()
+  yield
+  after = _log_levels()
+  assert after == before, f"logging levels (absl verbosity, absl logger, root) changed from {before} to {after}"

@@ -1,12 +1,14 @@
 """`chainjax.export`: every artifact reloads and answers as the JAX model does; StableHLO without TensorFlow."""
 
 import json
+import logging
 import os
 import subprocess
 import sys
 
 import numpy as np
 import pytest
+from absl import logging as absl_logging
 
 import helpers
 import processes
@@ -23,7 +25,12 @@ tf = pytest.importorskip("tensorflow", reason="the export extra: pip install -e 
 def _run(tmp_path_factory, name, config):
   workdir = str(tmp_path_factory.mktemp(name) / "run")
   train.train_and_evaluate(config, workdir)
+  levels = lambda: (absl_logging.get_verbosity(), absl_logging.get_absl_logger().level, logging.getLogger().level)
+  before = levels()
   manifest = export.export_workdir(config, workdir)
+  # TensorFlow's SavedModel walk sets absl's verbosity and leaves it: later INFO lines (the tests that
+  # read the training log) would vanish.
+  assert levels() == before
   return workdir, manifest
 
 

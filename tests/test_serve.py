@@ -13,6 +13,7 @@ import subprocess
 import sys
 import threading
 import time
+import types
 
 import numpy as np
 import pytest
@@ -202,7 +203,6 @@ def test_bad_requests_get_one_line_errors_and_the_server_keeps_serving(run, serv
     got, answer = call()
     assert (got, list(answer)) == (status, ["error"]) and message in answer["error"], (status, message, answer)
     assert "\n" not in answer["error"] and len(answer["error"]) < 300, answer
-  assert _request(server, "GET", "/v1/models/chainjax:predict", headers={"Allow": "x"})[0] == 405
   # A refused request with a body leaves its keep-alive connection usable: the body was drained.
   connection = http.client.HTTPConnection(server.host, server.port, timeout=TIMEOUT_S)
   try:
@@ -229,14 +229,16 @@ def test_no_content_length_is_411(server):
 
 class _StubModel:
   """`chainjax.exported.Exported`'s interface in numpy: the sum of each example, and a model failure for an
-  example whose first value is -1 (-2: the model takes 1 s, and sets `slow` when it starts)."""
+  example whose first value is -1 (-2: the model takes 1 s, and sets `slow` when it starts). Every call
+  waits for `gate` and sets `called`."""
 
   manifest = {"step": 7, "input": {"name": "inputs", "shape": [None, 2], "dtype": "float32"},
               "outputs": [{"name": "sum", "shape": [None], "dtype": "float32"}]}
   input_shape, input_dtype, output_names, max_batch = (2,), np.dtype(np.float32), ("sum",), 8
 
   def __init__(self):
-    self.slow = threading.Event()
+    self.slow, self.gate, self.called = threading.Event(), threading.Event(), threading.Event()
+    self.gate.set()
 
   def preprocess(self, instances):
     x = np.asarray(instances, np.float32)
@@ -245,6 +247,8 @@ class _StubModel:
     return x
 
   def __call__(self, instances):
+    self.called.set()
+    assert self.gate.wait(TIMEOUT_S)
     x = self.preprocess(instances)
     if (x[:, 0] == -1).any():
       raise FloatingPointError("overflow in the stub model\nsecond line")
@@ -254,12 +258,20 @@ class _StubModel:
     return {"sum": x.sum(-1)}
 
 
-def test_a_failing_model_is_a_500_and_stop_answers_the_requests_in_flight():
+def test_loading_a_failing_model_and_stop_with_requests_in_flight():
   model = _StubModel()
   server = serve.Server(model, port=0, model_name="stub", max_batch=4, batch_timeout_ms=0)
-  server.start()
+  model.gate.clear()
   with concurrent.futures.ThreadPoolExecutor(1) as pool:
+    started = pool.submit(server.start)
     try:
+      assert model.called.wait(TIMEOUT_S)  # bound and warming up
+      assert _request(server, "GET", "/healthz") == (503, {"error": "the model is loading"})
+      assert _predict(server, {"instances": [[1, 2]]}) == (503, {"error": "the model is loading; /healthz says when "
+                                                                          "it is ready"})
+      model.gate.set()
+      assert started.result(TIMEOUT_S) == ("127.0.0.1", server.port)
+      assert _request(server, "GET", "/healthz") == (200, {"status": "ok"})
       assert _predict(server, {"instances": [[1, 2], [3, 4]]}) == (200, {"predictions": [{"sum": 3.0}, {"sum": 7.0}]})
       assert _predict(server, {"instances": [[-1, 2]]}) == (500, {"error": "the model failed: FloatingPointError: "
                                                                            "overflow in the stub model"})
@@ -267,6 +279,7 @@ def test_a_failing_model_is_a_500_and_stop_answers_the_requests_in_flight():
       slow = pool.submit(_predict, server, {"instances": [[-2, 5]]})
       assert model.slow.wait(TIMEOUT_S)
     finally:
+      model.gate.set()
       server.stop()
     assert slow.result(TIMEOUT_S) == (200, {"predictions": [{"sum": 3.0}]})  # answered, though stop() came first
   with pytest.raises(OSError):
@@ -303,7 +316,7 @@ def test_the_command_line(run):
                            seen[-1])
       port = match and int(match[1])
     assert port, (proc.poll(), seen)
-    server = serve.Server(_StubModel(), port=port, model_name="parity")  # not started: only its address is used
+    server = types.SimpleNamespace(host="127.0.0.1", port=port, model_name="parity")
     assert _request(server, "GET", "/healthz") == (200, {"status": "ok"})
     status, answer = _predict(server, {"instances": x[:3].tolist()})
     assert status == 200 and [row["classes"] for row in answer["predictions"]] == \
