@@ -1,6 +1,7 @@
 """chainjax.launch builds the right gcloud commands (nothing here runs gcloud or needs a network)."""
 
 import importlib.util
+import io
 import os
 import re
 import shlex
@@ -163,3 +164,182 @@ def test_main_defines_the_flags_the_run_command_passes():
   assert re.search(r'DEFINE_enum\(\s*"distributed",\s*"auto",\s*\[[^]]*"on"', main_source), \
       "chainjax.main lost --distributed=on, which launch.run_command passes on TPU VMs"
   assert launch.DISTRIBUTED_ON == "--distributed=on"
+
+
+# ---------------------------------------------------------------------------------------------
+# tpu_queued: a queued resource, waited for until ACTIVE.
+
+
+class FakeGcloud:
+  """A `describe` for wait_until_active: answers `states` in turn on a fake clock that `sleep` moves.
+
+  An entry is a state, or an int for a describe that fails with that exit code. Nothing sleeps.
+  """
+
+  def __init__(self, states):
+    self.states = list(states)
+    self.now = 1000.0
+    self.sleeps = []
+    self.calls = []
+
+  def describe(self, command):
+    self.calls.append(list(command))
+    answer = self.states.pop(0)
+    return (answer, "") if isinstance(answer, int) else (0, answer + "\n")
+
+  def clock(self):
+    return self.now
+
+  def sleep(self, seconds):
+    self.sleeps.append(seconds)
+    self.now += seconds
+
+  def options(self, log):
+    return {"describe": self.describe, "clock": self.clock, "sleep": self.sleep, "log": log}
+
+
+def _wait_step(timeout_s=3600, poll_s=30):
+  vm = launch.TpuVm("n", "z", project="p")
+  return launch.WaitUntilActive(launch.queued_describe_command(vm, "q"), queued_resource="q",
+                                delete=launch.queued_delete_command(vm, "q"), timeout_s=timeout_s, poll_s=poll_s)
+
+
+def test_queued_dry_run_prints_create_wait_copy_install_and_run():
+  result = _launch("tpu_queued", "--name=n", "--zone=z", "--project=p", "--spot", "--valid_until_duration=6h",
+                   "--dry_run", "--", *MAIN_ARGS)
+  assert result.returncode == 0, result.stderr
+  lines = result.stdout.splitlines()
+  commands = [shlex.split(line, comments=True) for line in lines]
+  assert len(commands) == 6, result.stdout
+  create, describe, archive, scp, install, run = commands
+  assert create == ["gcloud", "compute", "tpus", "queued-resources", "create", "n", "--node-id=n", "--zone=z",
+                    "--project=p", "--accelerator-type=v5litepod-8", "--runtime-version=v2-alpha-tpuv5-lite",
+                    "--spot", "--valid-until-duration=6h"]
+  assert describe == ["gcloud", "compute", "tpus", "queued-resources", "describe", "n", "--zone=z", "--project=p",
+                      "--format=value(state.state)"]
+  assert "# repeated every 30s until ACTIVE, at most 6h00m" in lines[1] and "FAILED" in lines[1]
+  assert archive[0] == "git" and scp[4] == "scp" and scp[6] == "n:chainjax.tar.gz"
+  assert install[4] == "ssh" and "--worker=all" in install
+  assert _run_args(run) == MAIN_ARGS
+  assert "--create" not in result.stdout and "tpu-vm create" not in result.stdout
+
+
+def test_queued_resource_name_tiers_and_version_reach_the_queued_commands():
+  vm = launch.TpuVm("node", "z", accelerator_type="v6e-16", version="my-runtime")
+  commands = launch.plan(launch.Launch(vm, tuple(MAIN_ARGS), queued=True, queued_resource="req", reserved=True,
+                                       wait_timeout_s=0, poll_s=5))
+  create, wait = commands[:2]
+  assert create[:7] == ["gcloud", "compute", "tpus", "queued-resources", "create", "req", "--node-id=node"]
+  assert "--runtime-version=my-runtime" in create and "--reserved" in create and "--spot" not in create
+  assert not any(a.startswith("--valid-until") for a in create)  # no time limit unless asked for
+  assert isinstance(wait, launch.WaitUntilActive) and wait[5] == "req" and wait.queued_resource == "req"
+  assert wait.delete == ["gcloud", "compute", "tpus", "queued-resources", "delete", "req", "--zone=z"]
+  assert "no time limit" in wait.note() and "every 5s" in wait.note()
+  assert _verbs(commands) == ["create", "describe", "archive", "scp", "ssh", "ssh"]
+  scp, install, run = commands[3:]
+  assert scp[6] == "node:chainjax.tar.gz" and install[5] == run[5] == "node"  # the node, not the request
+  on_demand = launch.queued_create_command(launch.TpuVm("n", "z", accelerator_type="v4-8"), "q")
+  assert on_demand[-2:] == ["--accelerator-type=v4-8", "--runtime-version=tpu-ubuntu2204-base"]
+  with pytest.raises(launch.LaunchError, match="--spot and --reserved"):
+    launch.plan(launch.Launch(vm, tuple(MAIN_ARGS), queued=True, spot=True, reserved=True))
+  with pytest.raises(launch.LaunchError, match="tier"):
+    launch.queued_create_command(vm, "q", tier="best-effort")
+
+
+def test_queued_only_flags_are_refused_for_tpu_vm_and_spot_with_reserved_exits_2():
+  for args in (["tpu_vm", "--reserved"], ["tpu_vm", "--queued_resource=q"], ["tpu_vm", "--wait_timeout=10"],
+               ["tpu_vm", "--valid_until_duration=1h"], ["tpu_queued", "--spot", "--reserved"]):
+    result = _launch(*args, "--name=n", "--zone=z", "--dry_run", "--", *MAIN_ARGS)
+    assert result.returncode == 2, (args, result)
+    assert result.stdout == "" and len(result.stderr.strip().splitlines()) == 1, result.stderr
+
+
+def test_unknown_accelerator_generation_is_an_error_naming_version():
+  with pytest.raises(launch.LaunchError, match="--version=VERSION"):
+    launch.software_version("v7x-8")
+  for target in (["tpu_vm", "--create"], ["tpu_queued"]):
+    result = _launch(*target, "--name=n", "--zone=z", "--accelerator_type=v7x-8", "--dry_run", "--", *MAIN_ARGS)
+    assert result.returncode == 2, (target, result)
+    assert result.stdout == ""
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "--accelerator_type=v7x-8" in lines[0] and "--version" in lines[0], lines
+    pinned = _launch(*target, "--name=n", "--zone=z", "--accelerator_type=v7x-8", "--version=rt", "--dry_run", "--",
+                     *MAIN_ARGS)
+    assert pinned.returncode == 0, pinned.stderr
+    assert re.search(r"--(runtime-)?version=rt\b", pinned.stdout.splitlines()[0]), pinned.stdout
+  # Without --create nothing is created, so no software version is needed.
+  assert _launch("tpu_vm", "--name=n", "--zone=z", "--accelerator_type=v7x-8", "--dry_run", "--",
+                 *MAIN_ARGS).returncode == 0
+  # The known generations keep the versions of cloud.google.com/tpu/docs/runtimes.
+  assert {t: launch.software_version(t) for t in ("v2-8", "v3-32", "v4-8", "v5litepod-8", "v5e-4", "v5p-8",
+                                                  "v6e-16")} == {
+      "v2-8": "tpu-ubuntu2204-base", "v3-32": "tpu-ubuntu2204-base", "v4-8": "tpu-ubuntu2204-base",
+      "v5litepod-8": "v2-alpha-tpuv5-lite", "v5e-4": "v2-alpha-tpuv5-lite", "v5p-8": "v2-alpha-tpuv5",
+      "v6e-16": "v2-alpha-tpuv6e"}
+
+
+def test_wait_prints_each_state_change_with_the_time_waited_until_active():
+  gcloud = FakeGcloud(["WAITING_FOR_RESOURCES", "WAITING_FOR_RESOURCES", "WAITING_FOR_RESOURCES", "PROVISIONING",
+                       "PROVISIONING", "ACTIVE"])
+  log = io.StringIO()
+  step = _wait_step()
+  assert launch.wait_until_active(step, **gcloud.options(log)) == 0
+  assert gcloud.calls == [list(step)] * 6 and gcloud.sleeps == [30] * 5
+  assert log.getvalue().splitlines() == [
+      "chainjax.launch: queued resource q: WAITING_FOR_RESOURCES after 0s",
+      "chainjax.launch: queued resource q: PROVISIONING after 1m30s",
+      "chainjax.launch: queued resource q: ACTIVE after 2m30s",
+  ]
+
+
+def test_wait_repeats_an_unchanged_state_every_ten_minutes():
+  gcloud = FakeGcloud(["WAITING_FOR_RESOURCES"] * 5 + ["ACTIVE"])
+  log = io.StringIO()
+  assert launch.wait_until_active(_wait_step(timeout_s=0, poll_s=300), **gcloud.options(log)) == 0
+  assert [line.split(": ", 1)[1] for line in log.getvalue().splitlines()] == [
+      "queued resource q: WAITING_FOR_RESOURCES after 0s",
+      "queued resource q: WAITING_FOR_RESOURCES after 10m00s",
+      "queued resource q: WAITING_FOR_RESOURCES after 20m00s",
+      "queued resource q: ACTIVE after 25m00s",
+  ]
+
+
+@pytest.mark.parametrize("ended", ["FAILED", "SUSPENDED"])
+def test_wait_stops_with_one_error_line_when_the_request_fails(ended):
+  gcloud = FakeGcloud(["WAITING_FOR_RESOURCES", "PROVISIONING", ended, "ACTIVE"])
+  log = io.StringIO()
+  assert launch.wait_until_active(_wait_step(), **gcloud.options(log)) == launch.EXIT_NOT_ACTIVE == 69
+  assert len(gcloud.calls) == 3  # it does not poll on after FAILED/SUSPENDED
+  errors = [line for line in log.getvalue().splitlines() if line.startswith("chainjax: error:")]
+  assert len(errors) == 1 and f"queued resource q is {ended} after 1m00s" in errors[0], log.getvalue()
+  assert "`gcloud compute tpus queued-resources describe q --zone=z --project=p`" in errors[0]
+  assert "`gcloud compute tpus queued-resources delete q --zone=z --project=p`" in errors[0]
+
+
+def test_wait_gives_up_at_the_timeout_and_retries_failed_describes():
+  gcloud = FakeGcloud(["WAITING_FOR_RESOURCES"] * 10)
+  log = io.StringIO()
+  assert launch.wait_until_active(_wait_step(timeout_s=100, poll_s=30), **gcloud.options(log)) == 69
+  assert gcloud.sleeps == [30, 30, 30, 10] and len(gcloud.calls) == 5  # the last describe is at the timeout
+  error = log.getvalue().splitlines()[-1]
+  assert error.startswith("chainjax: error: queued resource q is still WAITING_FOR_RESOURCES after 1m40s")
+  assert "--wait_timeout" in error and "tpu_vm" in error and "queued-resources delete q" in error
+
+  flaky = FakeGcloud([1, 1, "PROVISIONING", 255, "ACTIVE"])
+  assert launch.wait_until_active(_wait_step(), **flaky.options(io.StringIO())) == 0
+  broken = FakeGcloud([1, 1, 1, "ACTIVE"])
+  log = io.StringIO()
+  assert launch.wait_until_active(_wait_step(), **broken.options(log)) == 1
+  assert len(broken.calls) == 3 and "exit code 1 from 3 describes in a row" in log.getvalue()
+
+
+def test_execute_waits_for_active_before_the_next_command(tmp_path):
+  marker = tmp_path / "ran"
+  commands = [["true"], _wait_step(), ["touch", str(marker)]]
+  gcloud = FakeGcloud(["WAITING_FOR_RESOURCES", "FAILED"])
+  assert launch.execute(commands, **gcloud.options(io.StringIO())) == 69 and not marker.exists()
+  gcloud = FakeGcloud(["PROVISIONING", "ACTIVE"])
+  assert launch.execute(commands, **gcloud.options(io.StringIO())) == 0 and marker.exists()
+  # The default describe runs the command and reads the state from its stdout.
+  real = launch.WaitUntilActive([sys.executable, "-c", "print('ACTIVE')"], queued_resource="q", delete=["false"])
+  assert launch.execute([real]) == 0
