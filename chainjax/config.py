@@ -167,6 +167,14 @@ def base_config() -> ml_collections.ConfigDict:
   # --mode=early_exit_report (chainjax.early_exit): the thresholds swept, each for every stage that may exit.
   c.inference.report_thresholds = (0.0, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.98, 0.99, 0.995, 0.999, 1.0)
 
+  # --mode=diagnose (chainjax.diagnostics): the signal-to-noise ratio of every stage's gradient under each chain
+  # mode, on the same parameters and training batches (Shalev-Shwartz et al. 2017, fig. 5).
+  c.diagnostics = ml_collections.ConfigDict()
+  c.diagnostics.modes = ()  # chain mode names (or one comma-separated string); empty = every mode the heads allow
+  c.diagnostics.num_batches = 32  # N >= 2 training batches: their mean gradient and its spread
+  c.diagnostics.batch_size = 0  # examples per batch; 0 = the run's batch_size
+  c.diagnostics.step = -1  # -1 = the newest good checkpoint (none: initialization), 0 = initialization, k = step k
+
   c.mesh = ml_collections.ConfigDict()
   c.mesh.model = 1  # devices per model replica (the `model` mesh axis); data axis = devices / model
 
@@ -334,6 +342,26 @@ def _check_inference(config: ml_collections.ConfigDict) -> None:
     raise ConfigError("inference.report_thresholds", f"must be thresholds in [0, 1], at least one, got {sweep}")
 
 
+def _check_diagnostics(diagnostics: ml_collections.ConfigDict, num_devices: int) -> None:
+  """`config.diagnostics` on its own (the mode names belong to `chain.MODES`: `diagnostics.resolve_modes`)."""
+  modes = tuple(diagnostics.modes)
+  if any(not isinstance(m, str) for m in modes):
+    raise ConfigError("diagnostics.modes", f"entries must be chain mode names (str), got {modes!r}")
+  if len(set(modes)) != len(modes):
+    raise ConfigError("diagnostics.modes", f"names a mode twice: {modes}")
+  if diagnostics.num_batches < 2:
+    raise ConfigError("diagnostics.num_batches", f"must be >= 2 (the spread of the per-batch gradients needs two "
+                      f"batches), got {diagnostics.num_batches!r}")
+  if diagnostics.batch_size < 0:
+    raise ConfigError("diagnostics.batch_size", f"must be >= 0 (0 = the run's batch_size), got "
+                      f"{diagnostics.batch_size!r}")
+  if diagnostics.batch_size % num_devices:
+    raise ConfigError("diagnostics.batch_size", f"{diagnostics.batch_size} is not divisible by the {num_devices} "
+                      f"devices; use a multiple of {num_devices}")
+  if diagnostics.step < -1:
+    raise ConfigError("diagnostics.step", f"must be >= 0, or -1 (the newest checkpoint), got {diagnostics.step!r}")
+
+
 def validate(config: ml_collections.ConfigDict, num_devices: int = 1) -> None:
   """Raises `ConfigError` for the first field that is unknown, mistyped or out of its range.
 
@@ -368,6 +396,7 @@ def validate(config: ml_collections.ConfigDict, num_devices: int = 1) -> None:
       raise ConfigError(field, f"must be in [0, {MAX_SEED}], got {_get(config, field)!r}")
   _check_compress(config.compress)
   _check_inference(config)
+  _check_diagnostics(config.diagnostics, num_devices)
   if 0 < config.divergence_factor <= 1:
     raise ConfigError("divergence_factor", f"must be > 1 (or 0 = off), got {config.divergence_factor!r}")
   if config.batch_size % num_devices:

@@ -5,6 +5,8 @@
 weights), evaluates every variant and writes `DIR/compress/report.json` (`chainjax.compression`).
 `--mode=export` writes the trained chain for serving to `DIR/export/` (`chainjax.export`);
 `--mode=early_exit_report` sweeps the early-exit thresholds on the eval set (`chainjax.early_exit`).
+`--mode=diagnose` writes the signal-to-noise ratio of every stage's gradient under each chain mode, at
+initialization or at a checkpoint, to `DIR/diagnostics/snr.json` (`chainjax.diagnostics`).
 
 Multi-host: run the same command on every host (the workdir must be shared), adding
 
@@ -57,12 +59,14 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config fil
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Where checkpoints, metrics and TensorBoard logs go.")
 _MODE = flags.DEFINE_enum(
-    "mode", "train", ["train", "compress", "export", "early_exit_report"],
+    "mode", "train", ["train", "compress", "export", "early_exit_report", "diagnose"],
     "train: train (or resume) in --workdir. compress: post-training quantization of --workdir's trained "
     "checkpoint, evaluated and reported in <workdir>/compress/ (config.compress.* choose the widths and "
     "the per-stage sensitivity scan). export: the trained chain as StableHLO, a TensorFlow SavedModel and "
     "TFLite models in <workdir>/export/ with a manifest.json. early_exit_report: accuracy against stages "
-    "computed and latency over a sweep of early-exit thresholds on the eval set, in <workdir>/early_exit/.")
+    "computed and latency over a sweep of early-exit thresholds on the eval set, in <workdir>/early_exit/. "
+    "diagnose: the signal-to-noise ratio of every stage's gradient under each chain mode (config.diagnostics.* "
+    "choose the modes, batches and checkpoint), in <workdir>/diagnostics/snr.json.")
 _DISTRIBUTED = flags.DEFINE_enum(
     "distributed", "auto", ["auto", "on", "off"],
     "Call jax.distributed.initialize: auto = when --coordinator_address is given or a cluster "
@@ -393,12 +397,16 @@ def main(argv: list[str]) -> None:
         from chainjax import early_exit  # pylint: disable=import-outside-toplevel
         early_exit.report(config, _WORKDIR.value, heartbeat=step_watchdog.beat)
         return
+      if _MODE.value == "diagnose":
+        from chainjax import diagnostics  # pylint: disable=import-outside-toplevel
+        diagnostics.diagnose(config, _WORKDIR.value, heartbeat=step_watchdog.beat)
+        return
       final = train.train_and_evaluate(config, _WORKDIR.value,  # validates config and data first
                                        heartbeat=step_watchdog.beat,
                                        allow_config_change=_ALLOW_CONFIG_CHANGE.value)
   except (errors.ConfigError, errors.WorkdirError) as e:
     _fail(str(e), EXIT_BAD_CONFIG)
-  except ValueError as e:  # export and early_exit_report: a workdir or request that cannot be served
+  except ValueError as e:  # export, early_exit_report, diagnose: a workdir or request that cannot be served
     if _MODE.value in ("train", "compress"):
       raise
     _fail(str(e), EXIT_BAD_CONFIG)

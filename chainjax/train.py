@@ -116,7 +116,10 @@ def _check_divergence(config: ml_collections.ConfigDict, step: int, loss: float,
 # the data is read from and how, and the divergence check (which its own message tells users to turn off).
 RESUMABLE_CHANGES = ("eval_every", "log_every", "checkpoint_every", "max_to_keep", "total_steps", "num_epochs",
                      "eval_batch_size", "divergence_factor", "data.data_dir", "data.num_threads", "data.prefetch",
-                     "data.cache")
+                     "data.cache",
+                     # read only by --mode=export/serve/early_exit_report/diagnose, never by training
+                     "inference.exit_threshold", "inference.stage_exit_threshold", "inference.report_thresholds",
+                     "diagnostics.modes", "diagnostics.num_batches", "diagnostics.batch_size", "diagnostics.step")
 
 
 def config_record(config: ml_collections.ConfigDict) -> tuple[dict, str]:

@@ -175,6 +175,14 @@ BAD_VALUES = [
     ("inference.report_thresholds", (0.5, 2.0), "config.inference.report_thresholds: must be thresholds in [0, 1]"),
     ("inference.stage_exit_threshold", (0.9, 1.1), "config.inference.stage_exit_threshold: thresholds must be in "
      "[0, 1], got (0.9, 1.1)"),
+    # --mode=diagnose; an unknown mode name is refused by diagnostics.resolve_modes (tests/test_diagnostics.py).
+    ("diagnostics.modes", (1,), "config.diagnostics.modes: entries must be chain mode names (str), got (1,)"),
+    ("diagnostics.modes", ("end_to_end", "end_to_end"), "config.diagnostics.modes: names a mode twice"),
+    ("diagnostics.num_batches", 1, "config.diagnostics.num_batches: must be >= 2 (the spread of the per-batch "
+     "gradients needs two batches), got 1"),
+    ("diagnostics.batch_size", -8, "config.diagnostics.batch_size: must be >= 0 (0 = the run's batch_size), got -8"),
+    ("diagnostics.batch_size", 100, "config.diagnostics.batch_size: 100 is not divisible by the 8 devices"),
+    ("diagnostics.step", -2, "config.diagnostics.step: must be >= 0, or -1 (the newest checkpoint), got -2"),
     ("optim.optimizer", "rmsprop", "config.optim.optimizer: 'rmsprop' is not one of: adam, adamw, sgd, lamb, "
      "adafactor, lion"),
     ("optim.learning_rate", 0.0, "config.optim.learning_rate: must be > 0, got 0.0"),
