@@ -81,7 +81,9 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
 
 
 def sweep(add, arg=None):
-  for mode in ("end_to_end", "deep_supervision", "decoupled", "progressive"):
-    add(**{"chain.mode": mode})
+  """Every chain mode x the number of input bits d that hide the 8-bit subset (32, 64, 128)."""
   finetune_steps = get_config(arg or "").total_steps // 4  # as get_config("mode=progressive_finetune") sets it
-  add(**{"chain.mode": "progressive_finetune", "chain.finetune_steps": finetune_steps})
+  for d in (32, 64, 128):
+    for mode in ("end_to_end", "deep_supervision", "decoupled", "progressive"):
+      add(**{"chain.mode": mode, "data.d": d})
+    add(**{"chain.mode": "progressive_finetune", "chain.finetune_steps": finetune_steps, "data.d": d})

@@ -78,6 +78,8 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
 
 
 def sweep(add, arg=None):
+  """Every chain mode x the peak learning rate (half, the default 2e-3, double)."""
   del arg
-  for mode in ("end_to_end", "deep_supervision", "decoupled", "progressive"):
-    add(**{"chain.mode": mode})
+  for learning_rate in (1e-3, 2e-3, 4e-3):
+    for mode in ("end_to_end", "deep_supervision", "decoupled", "progressive"):
+      add(**{"chain.mode": mode, "optim.learning_rate": learning_rate})

@@ -104,6 +104,12 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
 
 
 def sweep(add, arg=None):
-  del arg
-  for learning_rate in (2e-5, 1e-4, 1e-3):
-    add(**{"optim.learning_rate": learning_rate})
+  """The document's model and the one with an encoder head (`aux`) x the learning rate.
+
+  `decoupled` and `progressive` do not fit this chain (its "embed" stage has no head), so the
+  mode axis is deep supervision with and without the auxiliary loss on the encoder.
+  """
+  for aux in (False, True):
+    variant = ",".join(filter(None, (arg, "aux" if aux else "")))
+    for learning_rate in (2e-5, 1e-4, 1e-3):
+      add(variant=variant, **{"optim.learning_rate": learning_rate})

@@ -63,6 +63,8 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
 
 
 def sweep(add, arg=None):
+  """Every chain mode x the number of images k (1 to 4): end to end fails from k=3 (section 3.1)."""
   del arg
-  for mode in ("end_to_end", "deep_supervision", "decoupled", "progressive"):
-    add(**{"chain.mode": mode})
+  for k in (1, 2, 3, 4):
+    for mode in ("end_to_end", "deep_supervision", "decoupled", "progressive"):
+      add(**{"chain.mode": mode, "data.num_images": k})

@@ -107,6 +107,8 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
 
 
 def sweep(add, arg=None):
-  del arg
-  for learning_rate in (3e-4, 1e-3, 3e-3):
-    add(**{"optim.learning_rate": learning_rate})
+  """Without and with the encoder's own head (`aux`: deep supervision of the encoder) x the learning rate."""
+  for aux in (False, True):
+    variant = ",".join(filter(None, (arg, "aux" if aux else "")))
+    for learning_rate in (3e-4, 1e-3, 3e-3):
+      add(variant=variant, **{"optim.learning_rate": learning_rate})

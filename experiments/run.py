@@ -5,7 +5,9 @@
 
 A config file may define `sweep(add, arg=None)`: each `add(**overrides)` is one run, with dotted
 field names (`add(**{"chain.mode": "decoupled", "optim.learning_rate": 3e-4})`); products of
-axes are plain Python loops. The runner
+axes are plain Python loops. Where a point needs a different shape of config (another number of
+stages), `add(variant="levels=4", **overrides)` runs `get_config("levels=4")` instead of the
+sweep's own arg. The runner
 
   * expands the sweep (each point times `--seeds` seeds: `seed` = the config's seed + 0, 1, ...),
     checks every point against the config schema before anything runs, and gives each run its own
@@ -71,6 +73,7 @@ RESULTS_CSV, RESULTS_MD = "results.csv", "RESULTS.md"
 HEADLINES = ("eval/accuracy", "eval/auc", "eval/loss")
 EXIT_PREEMPTED = 4  # chainjax.main's: SIGTERM, checkpoint saved (not imported: main imports jax)
 POLL_S = 0.2
+VARIANT = "variant"  # the `add` keyword that picks get_config's arg for one point
 
 
 class SweepError(ValueError):
@@ -84,15 +87,21 @@ class SweepError(ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class Run:
-  """One run of the sweep: its overrides (seed included), sub-workdir name and setting name."""
+  """One run of the sweep: its overrides (seed included; `variant` first when the point has one),
+  sub-workdir name and setting name."""
 
   overrides: dict
   name: str
   setting: str  # the name without the seed: runs of one setting are averaged
 
   @property
-  def setting_overrides(self) -> dict:
-    return {k: v for k, v in self.overrides.items() if k != "seed"}
+  def fields(self) -> dict:
+    """The config field overrides (`--config.<field>=...`): the overrides without the variant."""
+    return {k: v for k, v in self.overrides.items() if k != VARIANT}
+
+  def config(self, config: str) -> str:
+    """The run's `--config`: the sweep's `path[:arg]`, or `path:<variant>` for a point with a variant."""
+    return f"{config.partition(':')[0]}:{self.overrides[VARIANT]}" if VARIANT in self.overrides else config
 
 
 def load_config_file(config: str):
@@ -138,12 +147,19 @@ def expand(module, arg: str, seeds: int = 1) -> list[Run]:
   for point in points:
     if seeds > 1 and "seed" in point:
       raise SweepError(f"the sweep point {_label(point)} sets seed; --seeds={seeds} would multiply it")
+    if VARIANT in point:  # first, so that names and tables start with it
+      point = {VARIANT: str(point[VARIANT]), **{k: v for k, v in point.items() if k != VARIANT}}
     for s in range(seeds):
       overrides = dict(point, seed=base_seed + s) if seeds > 1 else point
-      config = module.get_config(arg)
+      try:
+        config = module.get_config(overrides.get(VARIANT, arg))
+      except Exception as e:  # pylint: disable=broad-except
+        raise SweepError(f"get_config({overrides.get(VARIANT, arg)!r}) raised {type(e).__name__}: "
+                         f"{_first_line(e)}") from e
       try:
         for key, value in overrides.items():
-          _set(config, key, value)
+          if key != VARIANT:
+            _set(config, key, value)
         config_lib.validate(config)
       except errors.ConfigError as e:
         raise SweepError(f"sweep point {_label(overrides) or '(no overrides)'}: {e}") from e
@@ -174,7 +190,8 @@ def _set(config, key: str, value: Any) -> None:
 def run_name(overrides: Mapping[str, Any]) -> str:
   """A sub-workdir name from the overrides: `{"chain.mode": "decoupled", "seed": 1}` -> `mode=decoupled,seed=1`.
 
-  Each field goes by its last dotted part unless two fields share it; a tuple is joined by `x`
+  A variant comes as it is (`levels=4,mode=end_to_end`). Each field goes by its last dotted part
+  unless two fields share it; a tuple is joined by `x`
   (`features=64x32`); characters that a path or a shell would mangle become `-`. No overrides: `base`.
   """
   if not overrides:
@@ -182,6 +199,9 @@ def run_name(overrides: Mapping[str, Any]) -> str:
   shorts = [k.rsplit(".", 1)[-1] for k in overrides]
   parts = []
   for (key, value), short in zip(overrides.items(), shorts):
+    if key == VARIANT:
+      parts.append(str(value))
+      continue
     field = short if shorts.count(short) == 1 else key
     text = "x".join(map(_value_text, value)) if isinstance(value, (list, tuple)) else _value_text(value)
     parts.append(f"{field}={text}")
@@ -261,7 +281,7 @@ class Report:
 def main_command(config: str, workdir: str, run: Run, python: str = sys.executable) -> list[str]:
   """The local command of one run: `python -m chainjax.main --config=... --workdir=... --config.<k>=<v>`."""
   from chainjax import launch  # pylint: disable=import-outside-toplevel
-  return [python, "-m", "chainjax.main", *launch.main_args_for(config, workdir, run.overrides)]
+  return [python, "-m", "chainjax.main", *launch.main_args_for(run.config(config), workdir, run.fields)]
 
 
 def read_status(workdir: str) -> dict:
@@ -420,7 +440,7 @@ def tpu_commands(config: str, sweep_dir: str, runs: Sequence[Run], vm) -> list[l
     raise SweepError(f"--workdir={sweep_dir}: with --tpu_vm every run's workdir must be on gs:// (the TPU "
                      f"VM's workers share it)")
   commands = launch.copy_commands(vm) + [launch.install_command(vm)]
-  return commands + [launch.sweep_run_command(vm, config, f"{sweep_dir.rstrip('/')}/{r.name}", r.overrides)
+  return commands + [launch.sweep_run_command(vm, r.config(config), f"{sweep_dir.rstrip('/')}/{r.name}", r.fields)
                      for r in runs]
 
 

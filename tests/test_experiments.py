@@ -41,6 +41,10 @@ def test_a_sweep_expands_into_named_checked_runs():
     return type("Module", (), {"get_config": staticmethod(module.get_config),
                                "sweep": staticmethod(lambda add, arg: [add(**p) for p in points])})
 
+  run, = runner.expand(sweep_of({"chain.mode": "decoupled", "variant": "k=2"}), "ignored")
+  assert (run.name, run.setting, run.fields) == ("k=2,mode=decoupled", "k=2,mode=decoupled", {"chain.mode": "decoupled"})
+  assert runner.main_command(f"{SWEEP}:ignored", "/w", run, python="python")[3:] == [
+      f"--config={SWEEP}:k=2", "--workdir=/w", "--config.chain.mode=decoupled"]
   with pytest.raises(runner.SweepError, match=r"sweep point chain\.modes=x: config\.chain\.modes: no such field"):
     runner.expand(sweep_of({"chain.modes": "x"}), "")
   with pytest.raises(runner.SweepError, match=r"config\.optim\.learning_rate"):
@@ -53,6 +57,18 @@ def test_a_sweep_expands_into_named_checked_runs():
     runner.expand(sweep_of(), "")
   with pytest.raises(runner.SweepError, match=r"expected METRIC>=VALUE"):
     runner.Target.parse("eval/accuracy=0.9")
+
+
+@pytest.mark.parametrize("config", sorted(f for f in os.listdir(os.path.join(helpers.REPO, "configs"))
+                                           if f.endswith(".py")))
+def test_every_shipped_config_sweeps_at_least_two_axes(config):
+  """Modes (or the variant that stands for them) and at least one size or rate axis; every point checked."""
+  module, arg = runner.load_config_file(os.path.join(helpers.REPO, "configs", config))
+  runs = runner.expand(module, arg)
+  axes = {key: {runner.run_name({key: r.overrides.get(key)}) for r in runs} for r in runs for key in r.overrides}
+  varied = sorted(key for key, values in axes.items() if len(values) > 1)
+  assert len(varied) >= 2 and ("chain.mode" in varied or "variant" in varied), varied
+  assert len(runs) >= 4
 
 
 def test_the_markdown_table_is_mean_and_std_over_the_seeds_that_finished():

@@ -129,11 +129,11 @@ def test_sweep_run_commands_follow_the_config_sweep():
   vm = launch.TpuVm("n", "z")
   runs = [launch.sweep_run_command(vm, "configs/default.py", f"gs://b/sweep/{i}", point)
           for i, point in enumerate(points)]
-  assert len(runs) == 5
+  assert len(runs) == 15
   for i, (point, run) in enumerate(zip(points, runs)):
     assert _run_args(run) == ["--config=configs/default.py", f"--workdir=gs://b/sweep/{i}",
                               *(f"--config.{k}={v}" for k, v in point.items())]
-  assert points[-1] == {"chain.mode": "progressive_finetune", "chain.finetune_steps": 750}
+  assert points[-1] == {"chain.mode": "progressive_finetune", "chain.finetune_steps": 750, "data.d": 128}
   args = launch.main_args_for("c.py", "gs://b", {"chain.loss_weights": (0.5, 1.0), "x": (2,), "flag": True})
   assert args[2:] == ["--config.chain.loss_weights=(0.5,1.0)", "--config.x=(2,)", "--config.flag=True"]
   with pytest.raises(launch.LaunchError, match="gs://"):
