@@ -7,6 +7,7 @@ read; neither TensorFlow nor the workdir is needed. `chainjax.serve` and `python
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 
@@ -118,7 +119,16 @@ def load(export_dir: str, max_batch: int = 256) -> Exported:
   model = directory / STABLEHLO
   if not model.is_file():
     raise ValueError(f"{model} does not exist: the export is incomplete; export again")
-  exported = jax.export.deserialize(bytearray(model.read_bytes()))
+  data = model.read_bytes()
+  recorded = manifest.get("files", {}).get(STABLEHLO, {}).get("sha256")
+  if recorded and hashlib.sha256(data).hexdigest() != recorded:
+    raise ValueError(f"{model} does not match its sha256 in {MANIFEST} (changed or truncated after the export); "
+                     "export again")
+  try:
+    exported = jax.export.deserialize(bytearray(data))
+  except Exception as e:  # pylint: disable=broad-except  (flatbuffers and MLIR raise what they raise)
+    raise ValueError(f"{model} cannot be read by JAX {jax.__version__} ({type(e).__name__}: "
+                     f"{(str(e).strip().splitlines() or [''])[0][:200]}); export again") from None
   return Exported(os.fspath(directory), manifest, exported, max_batch)
 
 

@@ -10,7 +10,8 @@ stage type; the transformer stage adds position embeddings itself):
 
   stage "embed"       embedding(vocab_size, 128), no head                 } stage 1 of the
   stage "encoder"     transformer: 2 pre-LN blocks (4 heads, MLP 256,     } document: the
-                      dropout 0.1), final LayerNorm, mean over tokens     } encoder, h_1
+                      no dropout, a relative-position attention bias     } encoder, h_1
+                      that starts local), final LayerNorm, mean pool     }
   stage "classifier"  mlp: Dense(128, tanh) (BERT's pooler); head Dense(1)  stage 2: y
 
 `aux` gives the encoder its own linear head on the same label (deep supervision
@@ -28,18 +29,26 @@ Variants (comma-separated key=value):
   aux                         a head on the encoder as well
   runlocal                    a seconds-long synthetic run for tests and smoke checks
 
-Measured on 2 CPU cores (shared), 1 device, 2026-11-28, data=synthetic, with the
-chain, loss, optimizer and schedule of this config trained by hand (5-20 updates/s):
-eval AUC 0.62 / 0.73 / 0.76 after 250 / 1000 / 3000 updates. That is the level of
-word counts (eval AUC 0.70-0.72), not of the LSTM of configs/imdb_lstm.py (1.00
-within 2 epochs): trained from scratch on 20000 sentences, this encoder does not
-pick up the word-order rule (negation). Without dropout, with max_len 40, lr 2e-3
-or 3e-3, one block with one head, or a small embedding init, it stays at 0.75-0.77
-within 1500-4000 updates; on sentences with a single, possibly negated, sentiment
-word it stays at chance (0.50) where word order is all there is. Padding is not the
-cause: with padding ids embedded as zeros, attention masked to real tokens and the mean
-taken over real tokens only (tried by hand), eval AUC is 0.743 / 0.770 / 0.773 after
-500 / 1000 / 2000 updates.
+Measured on 2 CPU cores (shared), 1 device, 2026-12-01, data=synthetic, through
+chainjax.main (3000 updates of 32 = 4.8 epochs, fewer examples than the LSTM of
+configs/imdb_lstm.py reads before its early stop):
+  update    500     1000    1500    2000    2500    3000
+  eval AUC  0.7870  0.8503  0.9518  0.9912  0.9980  0.9981   (eval accuracy 0.9812)
+  ~7 min wall time in all (~8 updates/s).
+
+Why the encoder used to stay at the bag-of-words level (eval AUC 0.62 / 0.73 / 0.76
+after 250 / 1000 / 3000 updates; word counts alone: 0.70-0.72): at init its
+attention spreads over all ~64 positions, so the "not" before "good" reaches
+"good" at weight ~1/64, and negation (the word's polarity XOR a negator right
+before it) has no first-order gradient to start from. It was not the lack of word
+order: controlled runs by hand (same chain, loss, AdamW; no dropout; 1500 updates
+with their own cosine schedule) stayed at 0.74-0.77 with learned absolute positions
+at init scale 0.02 or 0.088, sinusoidal positions, or a learned per-head relative
+bias started at zero, with or without padding masked out. The same relative bias
+started as ALiBi's locality prior (-2^-h |j - i| for head h) reached 0.88 after
+1000 updates (0.95 with padding also masked), so the stage now starts its
+attention local (chainjax/stages/transformer.py). Dropout 0.1 is off: it is not
+needed on this noise-free set and halved the updates per second on CPU.
 """
 
 import ml_collections
@@ -80,7 +89,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
       stages.stage_config("embedding", name="embed", vocab_size=config.data.vocab_size, features=128,
                           head={"enabled": False}),
       stages.stage_config("transformer", name="encoder", num_layers=2, num_heads=4, mlp_dim=256,
-                          dropout_rate=0.1, pool="mean", max_len=max_len, head={"enabled": args["aux"]}),
+                          dropout_rate=0.0, pool="mean", max_len=max_len, head={"enabled": args["aux"]}),
       stages.stage_config("mlp", name="classifier", features=128, depth=1, activation="tanh"),
   ]
   config.optim.per_stage = config_lib.per_stage_optim([s.name for s in config.chain.stages])

@@ -193,6 +193,15 @@ def test_export_command_and_its_errors(parity, tmp_path):
   (broken / export.MANIFEST).write_text(json.dumps(manifest))
   with pytest.raises(ValueError, match=r"model.stablehlo does not exist: the export is incomplete"):
     export.load(str(broken))
+  stablehlo = (os.path.join(workdir, export.EXPORT_DIR, export.STABLEHLO))
+  with open(stablehlo, "rb") as f:
+    (broken / export.STABLEHLO).write_bytes(f.read()[:1000])  # truncated
+  with pytest.raises(ValueError, match=r"model.stablehlo does not match its sha256 in manifest.json"):
+    export.load(str(broken))
+  unchecked = {**manifest, "files": {}}  # an export whose manifest records no checksum: JAX's own error, one line
+  (broken / export.MANIFEST).write_text(json.dumps(unchecked))
+  with pytest.raises(ValueError, match=r"model.stablehlo cannot be read by JAX .*; export again$"):
+    export.load(str(broken))
   empty = tmp_path / "empty"
   empty.mkdir()
   proc = subprocess.run([sys.executable, "-m", "chainjax.main", "--config=configs/default.py:runlocal",

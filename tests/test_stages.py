@@ -279,3 +279,23 @@ def test_build_stage_rejects_inputs_that_do_not_fit(type, in_shape, in_dtype, ov
   with pytest.raises(ConfigError) as err:
     _build(type, in_shape, in_dtype, **overrides)
   assert err.value.field == field
+
+
+def _neighbour_vs_distant_effect(transformer_module) -> float:
+  """How much more a word's output moves when the word before it changes than when a word 10 places away does,
+  for an untrained 1-block encoder (mean over a batch of random inputs)."""
+  enc = transformer_module.Transformer(32, num_layers=1, num_heads=2, mlp_dim=32, dropout_rate=0.0, pool="none",
+                                       max_len=32, rngs=nnx.Rngs(0))
+  x = jax.random.normal(jax.random.key(1), (8, 32, 32))
+  out = enc(x, train=False)
+  change = jax.random.normal(jax.random.key(2), (8, 32))
+  moved = lambda j: float(jnp.abs(enc(x.at[:, j].add(change), train=False)[:, 16] - out[:, 16]).mean())
+  return moved(15) / moved(6)
+
+
+def test_transformer_starts_local_so_neighbouring_words_interact():
+  """At init, word i hears word i - 1 far better than word i - 10 (the ALiBi-style `rel_bias` prior). The old
+  stage (absolute positions only: attention spread evenly) gave a ratio of ~1, and on `synthetic_sentiment` it
+  never learned negation ("not" + "good"), staying at bag-of-words AUC 0.76; see chainjax/stages/transformer.py."""
+  from chainjax.stages import transformer
+  assert _neighbour_vs_distant_effect(transformer) > 3.0
