@@ -62,6 +62,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.max_to_keep = 3
   # Stop (exit 3) when the train loss exceeds this many times its first logged value; 0 = off.
   c.divergence_factor = 1000.0
+  # "START:END": a jax.profiler trace of updates START..END-1 (numbered as the logs and checkpoints number them,
+  # from 1), written by process 0 to <workdir>/tensorboard/plugins/profile/ for TensorBoard's Profile tab; "" = off.
+  c.profile_steps = ""
 
   c.data = ml_collections.ConfigDict()
   c.data.name = "parity"
@@ -243,6 +246,24 @@ def num_updates(config: ml_collections.ConfigDict, train_size: int = 0) -> int:
   return min(total, config.total_steps) if config.total_steps > 0 else total
 
 
+def parse_profile_steps(text: str) -> tuple[int, int] | None:
+  """`config.profile_steps`: `"3:6"` -> (3, 6), the updates 3, 4 and 5 (END is exclusive); `""` -> None.
+
+  Raises `ConfigError` naming the field unless the text is two integers with 1 <= START < END.
+  """
+  if not text:
+    return None
+  start, sep, end = text.partition(":")
+  try:
+    window = (int(start), int(end)) if sep else None
+  except ValueError:
+    window = None
+  if window is None or not 1 <= window[0] < window[1]:
+    raise ConfigError("profile_steps", f"{text!r} is not START:END with 1 <= START < END (update numbers, END "
+                      "exclusive), e.g. '3:6'; '' = no profiling")
+  return window
+
+
 def type_name(value) -> str:
   """How a schema names the type of `value` (a default) in its messages."""
   return "tuple" if isinstance(value, (tuple, list)) else type(value).__name__
@@ -397,6 +418,7 @@ def validate(config: ml_collections.ConfigDict, num_devices: int = 1) -> None:
   _check_compress(config.compress)
   _check_inference(config)
   _check_diagnostics(config.diagnostics, num_devices)
+  parse_profile_steps(config.profile_steps)
   if 0 < config.divergence_factor <= 1:
     raise ConfigError("divergence_factor", f"must be > 1 (or 0 = off), got {config.divergence_factor!r}")
   if config.batch_size % num_devices:

@@ -113,10 +113,11 @@ def _check_divergence(config: ml_collections.ConfigDict, step: int, loss: float,
 
 
 # Fields that may differ between a run and its resumption: how often things happen, the length, where
-# the data is read from and how, and the divergence check (which its own message tells users to turn off).
+# the data is read from and how, the divergence check (which its own message tells users to turn off),
+# and profiling (which traces the updates without changing them).
 RESUMABLE_CHANGES = ("eval_every", "log_every", "checkpoint_every", "max_to_keep", "total_steps", "num_epochs",
                      "eval_batch_size", "divergence_factor", "data.data_dir", "data.num_threads", "data.prefetch",
-                     "data.cache",
+                     "data.cache", "profile_steps",
                      # read only by --mode=export/serve/early_exit_report/diagnose, never by training
                      "inference.exit_threshold", "inference.stage_exit_threshold", "inference.report_thresholds",
                      "diagnostics.modes", "diagnostics.num_batches", "diagnostics.batch_size", "diagnostics.step")
@@ -227,6 +228,80 @@ class TrainClock:
     self.seconds, self.steps, self._t0 = 0.0, 0, None
 
 
+class StepProfiler:
+  """A `jax.profiler` trace of the updates `config.profile_steps` names, for TensorBoard's Profile tab.
+
+  Updates are numbered as the loop logs them: update k is the one after which `step == k`, so
+  "3:6" traces updates 3, 4 and 5, each annotated as step k of "train" (the Profile tab groups
+  the trace by these). The trace goes to `log_dir` (the run's TensorBoard directory), where
+  `jax.profiler` writes `plugins/profile/<run>/<host>.xplane.pb`. Only `enabled` (process 0)
+  traces. A window already behind the first update of the run (a resumed run) traces nothing.
+  Used as a context manager around the loop: leaving it stops a trace still running (the run
+  ended or raised before END), so a failed run still leaves its trace and the profiler free.
+  """
+
+  def __init__(self, spec: str, log_dir: str, *, enabled: bool):
+    self.spec, self.log_dir = spec, log_dir
+    self.window = config_lib.parse_profile_steps(spec) if enabled else None
+    self.active = False
+    self.first = self.last = 0  # the first and the last traced update
+    self._outputs: Any = None  # the last traced update's results, waited for before the trace stops
+    self._before: set[str] = set()
+
+  def due(self, update: int) -> bool:
+    """Whether the trace should start before `update` (the number the next update will have)."""
+    return bool(self.window) and not self.active and self.window[0] <= update < self.window[1]
+
+  def start(self, update: int) -> None:
+    self._before = set(self._trace_files())
+    jax.profiler.start_trace(self.log_dir)
+    self.active, self.first, self.last = True, update, update - 1
+    logging.info("Profiling updates %d..%d (config.profile_steps=%r) into %s.", update, self.window[1] - 1,
+                 self.spec, self.log_dir)
+
+  def step(self, update: int):
+    """The context of one update: a step annotation while tracing, nothing otherwise."""
+    if not self.active:
+      return contextlib.nullcontext()
+    return jax.profiler.StepTraceAnnotation("train", step_num=update)
+
+  def traced(self, update: int, outputs: Any) -> bool:
+    """Records that `update` ran with `outputs`; True when it was the window's last (then call `stop`)."""
+    if not self.active:
+      return False
+    self.last, self._outputs = update, outputs
+    return update >= self.window[1] - 1
+
+  def stop(self) -> None:
+    """Waits for the last traced update's results on device, then writes the trace."""
+    if not self.active:
+      return
+    try:  # an update that raised may have consumed the donated state: wait for what is still there
+      jax.block_until_ready([x for x in jax.tree.leaves(self._outputs)
+                             if not (isinstance(x, jax.Array) and x.is_deleted())])
+    finally:
+      self.active, self._outputs = False, None
+      jax.profiler.stop_trace()
+    written = sorted(set(self._trace_files()) - self._before)
+    updates = f"updates {self.first}..{self.last}" if self.last >= self.first else "no complete update"
+    logging.info("Profile of %s written to %s; open it with `tensorboard --logdir %s` (Profile tab).", updates,
+                 ", ".join(written) or os.path.join(self.log_dir, "plugins", "profile"), self.log_dir)
+
+  def _trace_files(self) -> list[str]:
+    root = epath.Path(self.log_dir) / "plugins" / "profile"
+    return [str(p) for p in root.glob("*/*.xplane.pb")] if root.exists() else []
+
+  def __enter__(self) -> StepProfiler:
+    return self
+
+  def __exit__(self, exc_type, exc, tb) -> None:
+    if exc_type is None:
+      self.stop()
+    else:  # a run that raised: still write the trace, without masking the error
+      with contextlib.suppress(Exception):
+        self.stop()
+
+
 def _stopper(config: ml_collections.ConfigDict, saved: dict | None = None) -> EarlyStopping:
   """Early stopping as `config.early_stopping` says, continuing from a checkpoint's `saved` state."""
   return EarlyStopping(config.early_stopping.metric, config.early_stopping.mode, config.early_stopping.patience,
@@ -317,9 +392,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   sums = phase.zero_sums()
   stop = preempted = False
   epoch_start = time.perf_counter()
+  profiler = StepProfiler(config.profile_steps, os.path.join(workdir, "tensorboard"), enabled=is_main)
+  if profiler.window and (config.total_steps < profiler.window[0] or profiler.window[1] <= loop.step + 1):
+    logging.info("config.profile_steps=%r: no trace, the run trains updates %d..%d.", config.profile_steps,
+                 loop.step + 1, config.total_steps)
   try:
-    with jax.set_mesh(exp.mesh), preemption_lib.Preemption(loop.step) as preemption:
+    with jax.set_mesh(exp.mesh), preemption_lib.Preemption(loop.step) as preemption, profiler:
       while loop.step < config.total_steps and not (stop or preempted):
+        if profiler.due(loop.step + 1):
+          clock.stop(state.step)  # starting a trace is not training time
+          profiler.start(loop.step + 1)
         new_phase = exp.phase_at(loop.step)
         if new_phase.index > 0 and loop.step == new_phase.start:  # a fresh optimizer; the loss scale carries on
           clock.stop(state.step)  # entering a phase compiles: not training time
@@ -338,7 +420,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
           compiled.add((phase.index, phase.quantized))
         else:
           clock.start()
-        state, sums, step_metrics = exp.update(phase, state, sums, next(train_iter))
+        with profiler.step(loop.step + 1):
+          state, sums, step_metrics = exp.update(phase, state, sums, next(train_iter))
         if first_call:
           jax.block_until_ready(step_metrics)
         else:
@@ -348,6 +431,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         loop.step += 1
         step = loop.step
         last = step == config.total_steps
+        if profiler.traced(step, (state, step_metrics)):
+          clock.stop(step_metrics)  # writing the trace is not training time
+          profiler.stop()
 
         if step % config.log_every == 0 or last:
           clock.stop(step_metrics)

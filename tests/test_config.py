@@ -102,6 +102,7 @@ BAD_VALUES = [
     ("seed", -1, "config.seed: must be >= 0, got -1"),
     ("divergence_factor", -1.0, "config.divergence_factor: must be >= 0, got -1.0"),
     ("divergence_factor", 0.5, "config.divergence_factor: must be > 1 (or 0 = off), got 0.5"),
+    ("profile_steps", "6:3", "config.profile_steps: '6:3' is not START:END with 1 <= START < END"),
     ("batch_size", -256, "config.batch_size: must be > 0, got -256"),  # -256 % 8 == 0: not caught by divisibility
     ("batch_size", 0, "config.batch_size: must be > 0, got 0"),
     ("batch_size", 100, "config.batch_size: 100 is not divisible by the 8 devices"),
