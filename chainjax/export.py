@@ -43,6 +43,7 @@ import os
 import shutil
 import subprocess
 import uuid
+from collections.abc import Sequence
 from typing import Any
 
 import jax
@@ -70,8 +71,16 @@ NOT_WORD_RE2 = r"[^\p{L}\p{N}']+"
 # ----------------------------------------------------------------------------------------------
 
 
-def export_workdir(config: ml_collections.ConfigDict, workdir: str) -> dict:
-  """Writes `workdir/export/` (see the module docstring) and returns its manifest."""
+def export_workdir(config: ml_collections.ConfigDict, workdir: str, tflite: Sequence[str] = tuple(TFLITE)) -> dict:
+  """Writes `workdir/export/` (see the module docstring) and returns its manifest.
+
+  `tflite`: the TFLite kinds to convert (keys of `TFLITE`; all by default). The full-integer one
+  calibrates on `REPRESENTATIVE_EXAMPLES` inputs and is the slowest to convert; a kind left out is
+  neither written nor listed in the manifest.
+  """
+  unknown = [kind for kind in tflite if kind not in TFLITE]
+  if unknown:
+    raise ValueError(f"tflite: {', '.join(map(repr, unknown))} not among {', '.join(TFLITE)}")
   predictor = predict.Predictor.from_workdir(workdir, config=config)
   exp = predictor.experiment
   final = epath.Path(workdir) / EXPORT_DIR
@@ -94,7 +103,7 @@ def export_workdir(config: ml_collections.ConfigDict, workdir: str) -> dict:
       with keeping_log_levels():
         module = _tf_module(tf, fn, exp, manifest, workdir)
         tf.saved_model.save(module, os.fspath(building / SAVED_MODEL), signatures=module.serving_signatures)
-        for kind, name in TFLITE.items():
+        for kind, name in ((k, n) for k, n in TFLITE.items() if k in tflite):
           try:
             (building / name).write_bytes(_tflite(tf, module, kind, exp))
           except Exception as e:  # pylint: disable=broad-except

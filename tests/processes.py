@@ -1,8 +1,7 @@
 """Launching `chainjax.main` as 1 or N processes on this machine, bounded in time, for end-to-end tests.
 
 Every process gets the environment `tests/conftest.py` gives the test process (CPU, long collective
-timeouts, synchronous CPU dispatch) with its own fake device count, and a compilation cache shared
-by all the runs of a test session, so that only the first run of a program pays for compiling it.
+timeouts, synchronous CPU dispatch, the session's compilation cache) with its own fake device count.
 """
 
 import atexit
@@ -28,7 +27,6 @@ ARGS = ("--config=configs/default.py:runlocal", f"--config.total_steps={TOTAL_ST
         "--config.checkpoint_every=20", "--config.log_every=5")
 
 _SESSION_DIR = tempfile.mkdtemp(prefix="chainjax-test-processes-")
-_CACHE_DIR = os.path.join(_SESSION_DIR, "jit-cache")
 atexit.register(shutil.rmtree, _SESSION_DIR, ignore_errors=True)
 
 
@@ -38,8 +36,7 @@ def env(devices: int) -> dict:
   out["XLA_FLAGS"] = " ".join([f"--xla_force_host_platform_device_count={devices}",
                                "--xla_cpu_collective_call_terminate_timeout_seconds=600",
                                "--xla_cpu_collective_timeout_seconds=600"])
-  out.update(JAX_PLATFORMS="cpu", JAX_CPU_ENABLE_ASYNC_DISPATCH="false", JAX_COMPILATION_CACHE_DIR=_CACHE_DIR,
-             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="-1")
+  out.update(JAX_PLATFORMS="cpu", JAX_CPU_ENABLE_ASYNC_DISPATCH="false")
   return out
 
 

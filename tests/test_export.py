@@ -22,12 +22,12 @@ from chainjax.data import text
 tf = pytest.importorskip("tensorflow", reason="the export extra: pip install -e '.[dev,export]'")
 
 
-def _run(tmp_path_factory, name, config):
+def _run(tmp_path_factory, name, config, tflite=tuple(export.TFLITE)):
   workdir = str(tmp_path_factory.mktemp(name) / "run")
   train.train_and_evaluate(config, workdir)
   levels = lambda: (absl_logging.get_verbosity(), absl_logging.get_absl_logger().level, logging.getLogger().level)
   before = levels()
-  manifest = export.export_workdir(config, workdir)
+  manifest = export.export_workdir(config, workdir, tflite=tflite)
   # TensorFlow's SavedModel walk sets absl's verbosity and leaves it: later INFO lines (the tests that
   # read the training log) would vanish.
   assert levels() == before
@@ -36,9 +36,9 @@ def _run(tmp_path_factory, name, config):
 
 @pytest.fixture(scope="module")
 def parity(tmp_path_factory):
-  """default:runlocal trained until it solves the task (mlp stages, binary heads): (workdir, manifest)."""
-  return _run(tmp_path_factory, "parity", helpers.load_config("default", total_steps=2000, eval_every=2000,
-                                                              checkpoint_every=2000, log_every=2000))
+  """The default config, 1000 updates: it solves the task (mlp stages, binary heads): (workdir, manifest)."""
+  return _run(tmp_path_factory, "parity", helpers.load_config("default", total_steps=1000, eval_every=1000,
+                                                              checkpoint_every=1000, log_every=1000))
 
 
 @pytest.fixture(scope="module")
@@ -49,17 +49,20 @@ def images(tmp_path_factory):
       "data.name": tiny_tfds.NAME, "data.data_dir": tiny_tfds.build(tmp), "inference.exit_threshold": 0.4}))
 
 
+# The text models convert to float TFLite only (what the text test reads): their integer conversions
+# took 30 s of the two fixtures; the integer kinds are checked on the parity and image runs.
 @pytest.fixture(scope="module")
 def lstm(tmp_path_factory):
   """imdb_lstm on synthetic sentences (embedding + lstm stages, text)."""
   return _run(tmp_path_factory, "lstm", helpers.load_config("imdb_lstm", "runlocal", total_steps=10,
-                                                            **{"data.train_size": 2000}))
+                                                            **{"data.train_size": 2000}), tflite=("float",))
 
 
 @pytest.fixture(scope="module")
 def transformer(tmp_path_factory):
   """text_transformer:runlocal (embedding + transformer + mlp stages)."""
-  return _run(tmp_path_factory, "transformer", helpers.load_config("text_transformer", "runlocal", total_steps=10, **{"optim.warmup_steps": 2}))
+  return _run(tmp_path_factory, "transformer", helpers.load_config(
+      "text_transformer", "runlocal", total_steps=10, **{"optim.warmup_steps": 2}), tflite=("float",))
 
 
 def _eval_inputs(predictor, n=256):
@@ -85,6 +88,7 @@ def _reference(predictor, x):
           "exit_stage": out.exit_stages}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("run", ["parity", "images"])
 def test_every_artifact_answers_as_jax(run, request):
   workdir, manifest = request.getfixturevalue(run)
@@ -111,6 +115,7 @@ def test_every_artifact_answers_as_jax(run, request):
     assert manifest["exit_thresholds"] == {"conv1": 0.4, "conv2": 0.4}
 
 
+@pytest.mark.slow
 def test_text_models_take_raw_strings_in_the_saved_model_and_every_stage_type_exports(lstm, transformer):
   for workdir, manifest in (lstm, transformer):
     directory = os.path.join(workdir, export.EXPORT_DIR)
@@ -121,6 +126,7 @@ def test_text_models_take_raw_strings_in_the_saved_model_and_every_stage_type_ex
     reference = _reference(predictor, texts)
     names = [o["name"] for o in manifest["outputs"]]
     assert manifest["preprocessing"]["text"]["max_len"] == predictor.experiment.task.transform.max_len
+    assert [n for n in manifest["files"] if n.endswith(".tflite")] == [export.TFLITE["float"]]  # as asked
     assert {s["type"] for s in manifest["stages"]} <= {"embedding", "lstm", "transformer", "mlp"}
     _assert_close(export.load(directory)(texts), reference, names)
     signatures = tf.saved_model.load(os.path.join(directory, export.SAVED_MODEL)).signatures
@@ -185,6 +191,8 @@ def test_export_command_and_its_errors(parity, tmp_path):
   workdir, manifest = parity
   with pytest.raises(ValueError, match=r"manifest.json does not exist: run `python -m chainjax.main .*--mode=export"):
     export.load(str(tmp_path))
+  with pytest.raises(ValueError, match=r"^tflite: 'int4' not among float, dynamic_int8, int8$"):
+    export.export_workdir(helpers.load_config("default"), workdir, tflite=("float", "int4"))
   broken = tmp_path / "broken"
   broken.mkdir()
   (broken / export.MANIFEST).write_text(json.dumps({**manifest, "format_version": 99}))
