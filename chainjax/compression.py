@@ -48,6 +48,7 @@ from chainjax import checkpoint as checkpoint_lib
 from chainjax import config as config_lib
 from chainjax import data as data_lib
 from chainjax import experiment as experiment_lib
+from chainjax import metrics as metrics_lib
 from chainjax.compress import prune as prune_lib
 from chainjax.compress import ptq
 from chainjax.compress import quant
@@ -242,9 +243,7 @@ def plot_sensitivity(rows: list[dict], metric: str, path: "str | epath.Path") ->
   png = io.BytesIO()
   fig.savefig(png, format="png")
   plt.close(fig)
-  tmp = epath.Path(f"{path}.tmp")
-  tmp.write_bytes(png.getvalue())  # then renamed: a reader never sees half a file (also on gs://)
-  tmp.replace(path)
+  metrics_lib.write_atomically(path, png.getvalue())
 
 
 def compress(config: ml_collections.ConfigDict, workdir: str, heartbeat: Callable[[], None] = lambda: None) -> dict:
@@ -289,9 +288,7 @@ def compress(config: ml_collections.ConfigDict, workdir: str, heartbeat: Callabl
     out.mkdir(parents=True, exist_ok=True)
     if "sensitivity" in report:
       plot_sensitivity(report["sensitivity"], metric, out / PLOT)
-    tmp = out / f"{REPORT}.tmp"
-    tmp.write_text(json.dumps(report, indent=2, sort_keys=True))
-    tmp.replace(out / REPORT)
+    metrics_lib.write_atomically(out / REPORT, json.dumps(report, indent=2, sort_keys=True))
   print(summary(report), flush=True)
   return report
 

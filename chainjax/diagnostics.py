@@ -63,6 +63,7 @@ from chainjax import checkpoint as checkpoint_lib
 from chainjax import config as config_lib
 from chainjax import data as data_lib
 from chainjax import experiment as experiment_lib
+from chainjax import metrics as metrics_lib
 from chainjax import precision
 from chainjax import predict
 from chainjax.compress import quant
@@ -355,9 +356,7 @@ def diagnose(config: ml_collections.ConfigDict, workdir: str, heartbeat: Callabl
   if jax.process_index() == 0:
     out = epath.Path(workdir) / REPORT_DIR
     out.mkdir(parents=True, exist_ok=True)
-    tmp = out / f"{REPORT}.tmp"
-    tmp.write_text(json.dumps(result, indent=2))
-    tmp.replace(out / REPORT)
+    metrics_lib.write_atomically(out / REPORT, json.dumps(result, indent=2))
     print(summary(result), flush=True)
   return result
 

@@ -31,6 +31,7 @@ import numpy as np
 from etils import epath
 
 from chainjax import compression
+from chainjax import metrics as metrics_lib
 from chainjax import predict
 
 REPORT_DIR = "early_exit"
@@ -143,9 +144,7 @@ def report(config: ml_collections.ConfigDict, workdir: str, heartbeat: Callable[
     out = epath.Path(workdir) / REPORT_DIR
     out.mkdir(parents=True, exist_ok=True)
     plot(rows, exp.num_stages, out / PLOT)
-    tmp = out / f"{CURVE}.tmp"
-    tmp.write_text(json.dumps(result, indent=2))
-    tmp.replace(out / CURVE)
+    metrics_lib.write_atomically(out / CURVE, json.dumps(result, indent=2))
   print(summary(result), flush=True)
   return result
 
@@ -203,9 +202,7 @@ def plot(rows: list[dict], num_stages: int, path: "str | epath.Path") -> None:
   png = io.BytesIO()
   fig.savefig(png, format="png")
   plt.close(fig)
-  tmp = epath.Path(f"{path}.tmp")
-  tmp.write_bytes(png.getvalue())
-  tmp.replace(path)
+  metrics_lib.write_atomically(path, png.getvalue())
 
 
 __all__ = ["CURVE", "PLOT", "REPORT_DIR", "curve", "exits", "held_out_set", "plot", "report", "summary"]

@@ -170,8 +170,8 @@ class WaitUntilActive(list):
 
   def note(self) -> str:
     """What `--dry_run` prints after the describe command: it is repeated, not run once."""
-    limit = f"at most {_duration(self.timeout_s)}" if self.timeout_s else "with no time limit"
-    return (f"# repeated every {_duration(self.poll_s)} until {ACTIVE}, {limit}; "
+    limit = f"at most {format_duration(self.timeout_s)}" if self.timeout_s else "with no time limit"
+    return (f"# repeated every {format_duration(self.poll_s)} until {ACTIVE}, {limit}; "
             f"{', '.join(ENDED_STATES)} stops the launch")
 
 
@@ -203,7 +203,7 @@ def wait_until_active(step: WaitUntilActive, *,
     code, state = describe(step)
     state = state.strip()
     now = clock()
-    waited = _duration(now - start)
+    waited = format_duration(now - start)
     if code != 0:
       failures += 1
       if failures >= DESCRIBE_ATTEMPTS:
@@ -236,7 +236,7 @@ def _describe_state(command: Sequence[str]) -> tuple[int, str]:
   return result.returncode, result.stdout or ""
 
 
-def _duration(seconds: float) -> str:
+def format_duration(seconds: float) -> str:
   """`45s`, `12m03s`, `2h05m`: short enough for a progress line."""
   seconds = int(round(seconds))
   if seconds < 60:

@@ -163,10 +163,10 @@ class MetricWriter:
       return
     if bad:  # first the side file: a kill before the rewrite then leaves the lines in both, none lost
       old = self.corrupt_path.read_bytes() if self.corrupt_path.exists() else b""
-      _write_atomically(self.corrupt_path, old + b"".join(line + b"\n" for _, line in bad))
+      write_atomically(self.corrupt_path, old + b"".join(line + b"\n" for _, line in bad))
       logging.warning("%s: moved %d unparseable line(s) (line %s: %r) to %s.", self.path, len(bad),
                       ", ".join(str(n) for n, _ in bad), bad[0][1][:80], self.corrupt_path)
-    _write_atomically(self.path, text)
+    write_atomically(self.path, text)
 
   def _cut_events(self, step: int) -> None:
     """Copies the events of steps <= `step` (once each, in step order) to a new file; hides the old ones."""
@@ -191,7 +191,7 @@ class MetricWriter:
       wall_time = min(e.wall_time for e in events)
       name = f"events.out.tfevents.{int(wall_time) - 1:010d}.{socket.gethostname()}.upto-{step}"
       header = event_pb2.Event(wall_time=wall_time, file_version="brain.Event:2")
-      _write_atomically(self.tb_dir / name, b"".join(_record(e.SerializeToString()) for e in [header, *events]))
+      write_atomically(self.tb_dir / name, b"".join(_record(e.SerializeToString()) for e in [header, *events]))
     stale = [p for p in files if p.name != name]
     if stale:
       _hide(stale, self.workdir / "tensorboard.old" / f"resumed-at-{step}")
@@ -218,10 +218,12 @@ def _hide(files: list[epath.Path], folder: epath.Path) -> None:
     path.rename(target)
 
 
-def _write_atomically(path: epath.Path, data: bytes) -> None:
-  """Writes a temporary file next to `path`, then renames it over `path`: readers see old or new, never half."""
+def write_atomically(path: str | epath.Path, data: bytes | str) -> None:
+  """Writes a temporary file next to `path`, then renames it over `path`: readers (and a run killed
+  meanwhile) see the old file or the new one, never half of one; also on gs://."""
+  path = epath.Path(path)
   tmp = path.with_name(path.name + ".tmp")
-  tmp.write_bytes(data)
+  tmp.write_bytes(data.encode() if isinstance(data, str) else data)
   tmp.replace(path)
 
 

@@ -58,6 +58,7 @@ from chainjax import checkpoint as checkpoint_lib
 from chainjax import compression
 from chainjax import data as data_lib
 from chainjax import experiment as experiment_lib
+from chainjax import metrics as metrics_lib
 from chainjax.compress import ptq
 from chainjax.compress import quant
 from chainjax.data import tfds_data
@@ -653,9 +654,7 @@ def predict_main(flag_values) -> int:
   rows = answers(outputs, stage_names, heads, binary)
   if flag_values.output:
     lines = "".join(json.dumps({"example": name, **row}) + "\n" for name, row in zip(names, rows))
-    tmp = epath.Path(f"{flag_values.output}.tmp")
-    tmp.write_text(lines)
-    tmp.replace(flag_values.output)
+    metrics_lib.write_atomically(flag_values.output, lines)
     print(f"{len(rows)} predictions written to {flag_values.output}")
   else:
     early = any(row["exit_stage"] != len(stage_names) for row in rows) or len(heads) > 1

@@ -65,6 +65,8 @@ from typing import Any
 
 from absl import app, flags
 
+from chainjax import launch
+
 EXIT_FAILED_RUNS = 1
 EXIT_BAD_ARGS = 2
 STATUS = "sweep_status.json"  # in each sub-workdir: the runner's record of the run
@@ -280,7 +282,6 @@ class Report:
 
 def main_command(config: str, workdir: str, run: Run, python: str = sys.executable) -> list[str]:
   """The local command of one run: `python -m chainjax.main --config=... --workdir=... --config.<k>=<v>`."""
-  from chainjax import launch  # pylint: disable=import-outside-toplevel
   return [python, "-m", "chainjax.main", *launch.main_args_for(run.config(config), workdir, run.fields)]
 
 
@@ -410,7 +411,8 @@ class LocalRunner:
     return status
 
   def _progress_line(self, run: Run, status: dict, finished: int, walls: list[float], left: int) -> str:
-    line = f"[{finished}/{len(self.runs)}] {run.name}: {status['status']} in {_duration(status['wall_s'])}"
+    wall = launch.format_duration(status["wall_s"])
+    line = f"[{finished}/{len(self.runs)}] {run.name}: {status['status']} in {wall}"
     if status["status"] == "failed":
       line += f" (exit code {status['exit_code']}): {status['error']}"
     else:
@@ -420,22 +422,12 @@ class LocalRunner:
         line += f" - {columns[0]} {final[columns[0]]:.4f}"
     if left:
       eta = sum(walls) / len(walls) * left / self.parallel
-      line += f" - ETA {_duration(eta)}"
+      line += f" - ETA {launch.format_duration(eta)}"
     return line
-
-
-def _duration(seconds: float) -> str:
-  seconds = int(round(seconds))
-  if seconds < 60:
-    return f"{seconds}s"
-  if seconds < 3600:
-    return f"{seconds // 60}m{seconds % 60:02d}s"
-  return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
 
 
 def tpu_commands(config: str, sweep_dir: str, runs: Sequence[Run], vm) -> list[list[str]]:
   """The TPU VM plan: copy and install once, then each run in turn (`chainjax.launch`'s builders)."""
-  from chainjax import launch  # pylint: disable=import-outside-toplevel
   if not sweep_dir.startswith("gs://"):
     raise SweepError(f"--workdir={sweep_dir}: with --tpu_vm every run's workdir must be on gs:// (the TPU "
                      f"VM's workers share it)")
@@ -686,7 +678,6 @@ def prepare(config: str, workdir: str, *, seeds: int = 1, metrics: str = "", tar
   runs = expand(module, arg, seeds)
   report = Report.of(module, arg, metrics, target)
   if tpu_vm:
-    from chainjax import launch  # pylint: disable=import-outside-toplevel
     if not zone:
       raise SweepError("--tpu_vm needs --zone")
     vm = launch.TpuVm(tpu_vm, zone, project, accelerator_type, version)
@@ -712,8 +703,7 @@ def main(argv: list[str]) -> None:
       print(shlex.join(command))
     return
   if f.tpu_vm:
-    from chainjax import launch  # pylint: disable=import-outside-toplevel
-    sys.exit(launch.execute(plan.commands))
+      sys.exit(launch.execute(plan.commands))
   os.makedirs(f.workdir, exist_ok=True)
   failed = 0
   runner = LocalRunner(f.config, f.workdir, plan.runs, plan.report, parallel=f.parallel)
