@@ -133,15 +133,17 @@ def test_a_killed_sweep_resumes_and_a_failing_run_is_recorded(tmp_path):
   sweep_dir = str(tmp_path / "sweep")
   args = (f"--config={SWEEP}:with_failure", f"--workdir={sweep_dir}", "--seeds=2", "--parallel=2")
   first = _runner(*args)
+  finished_runs = lambda: [n for n in os.listdir(sweep_dir)
+                           if runner.read_status(os.path.join(sweep_dir, n)).get("status") == "done"] \
+      if os.path.isdir(sweep_dir) else []
   deadline = time.monotonic() + TIMEOUT_S
-  done = []
-  while not done and time.monotonic() < deadline and first.poll() is None:
-    done = [n for n in os.listdir(sweep_dir) if runner.read_status(os.path.join(sweep_dir, n)).get("status") == "done"] \
-        if os.path.isdir(sweep_dir) else []
+  while not finished_runs() and time.monotonic() < deadline and first.poll() is None:
     time.sleep(0.2)
-  assert done, first.communicate()
+  assert finished_runs(), first.communicate()
   first.kill()  # SIGKILL: the runner cannot pass anything on; its runs get SIGTERM from the kernel
   first.communicate(timeout=TIMEOUT_S)
+  done = finished_runs()  # read after the kill: the other parallel run may have finished meanwhile
+  assert 1 <= len(done) < 6
   deadline = time.monotonic() + 120
   while _processes_with(f"--workdir={sweep_dir}/") and time.monotonic() < deadline:
     time.sleep(0.5)
