@@ -9,14 +9,32 @@ chain or the optimizer is checked by `experiment.validate`, which calls this fir
 
 from __future__ import annotations
 
+import importlib.util
 import math
 import numbers
+import os
+import types
 from collections.abc import Callable
 
 import ml_collections
 
 from chainjax.errors import ConfigError  # re-exported: `config.ConfigError` is where users catch it
 
+
+
+def load_file(path: str) -> types.ModuleType:
+  """The module of a config file, loaded by its path (`configs/line_parity.py`).
+
+  Config files are not a package: `--config` names a file, and a config may build on another
+  (`experiments/<paper>/config.py` on `configs/<task>.py`). Errors of the file propagate as raised.
+  """
+  name = "chainjax_config_" + os.path.splitext(os.path.basename(path))[0]
+  spec = importlib.util.spec_from_file_location(name, path)
+  if spec is None:
+    raise ImportError(f"{path} is not a Python file")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
 
 
 def parse_arg(arg: str, **defaults) -> dict:

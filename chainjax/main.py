@@ -167,12 +167,10 @@ def _bad_override(argv: list[str]) -> str | None:
   try:
     config = flags.FLAGS["config"].value
     if config is None:  # an override failed before the flag kept its value: load the file as config_flags does
-      import importlib.util
+      from chainjax import config as config_lib  # pylint: disable=import-outside-toplevel
 
       path, colon, variant = _config_arg(argv).partition(":")
-      spec = importlib.util.spec_from_file_location("chainjax_config_file", path)
-      module = importlib.util.module_from_spec(spec)
-      spec.loader.exec_module(module)
+      module = config_lib.load_file(path)
       config = module.get_config(variant) if colon else module.get_config()
     config.keys()
   except Exception:  # noqa: BLE001 - no config to compare with: the caller reports the error itself

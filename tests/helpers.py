@@ -1,19 +1,18 @@
 """Shared test utilities: configs from files, final parameters of a workdir."""
 
-import importlib.util
 import os
 
 import numpy as np
 import orbax.checkpoint as ocp
+
+from chainjax import config as config_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def load_config(name: str, arg: str = "", **overrides):
   """`configs/<name>.py:get_config(arg)` with dotted-key overrides."""
-  spec = importlib.util.spec_from_file_location(name, os.path.join(REPO, "configs", f"{name}.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
+  module = config_lib.load_file(os.path.join(REPO, "configs", f"{name}.py"))
   return override(module.get_config(arg), **overrides)
 
 

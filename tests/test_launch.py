@@ -1,6 +1,5 @@
 """chainjax.launch builds the right gcloud commands (nothing here runs gcloud or needs a network)."""
 
-import importlib.util
 import io
 import os
 import re
@@ -11,6 +10,7 @@ import sys
 import pytest
 from absl import flags
 
+from chainjax import config as config_lib
 from chainjax import launch
 from helpers import REPO
 
@@ -121,9 +121,7 @@ def test_project_spot_and_version_reach_every_gcloud_command():
 
 
 def test_sweep_run_commands_follow_the_config_sweep():
-  spec = importlib.util.spec_from_file_location("default_config", os.path.join(REPO, "configs", "default.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
+  module = config_lib.load_file(os.path.join(REPO, "configs", "default.py"))
   points = []
   module.sweep(lambda **overrides: points.append(overrides))
   vm = launch.TpuVm("n", "z")
