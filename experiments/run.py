@@ -25,7 +25,8 @@ sweep's own arg. The runner
         `metrics.jsonl`);
       - `DIR/RESULTS.md`: one row per setting (a point without its seed): mean ± std over the
         seeds of the reported metrics, the seeds that finished, wall time;
-      - `DIR/<metric>.png`: the eval curve of every setting, the mean over seeds with a min-max band.
+      - `DIR/<metric>.png`: the eval curve of every setting, the mean over seeds with a min-max band
+        (one panel per variant where each variant holds several settings).
 
 What is reported comes from the config file's optional `report(arg=None)`, a dict with
 `metrics` (headline first, e.g. `("eval/accuracy", "eval/stage_1/accuracy")`) and `target`
@@ -49,7 +50,6 @@ from __future__ import annotations
 import csv
 import dataclasses
 import datetime
-import importlib.util
 import io
 import json
 import math
@@ -65,7 +65,9 @@ from typing import Any
 
 from absl import app, flags
 
+from chainjax import config as config_lib
 from chainjax import launch
+from chainjax import metrics as metrics_lib
 
 EXIT_FAILED_RUNS = 1
 EXIT_BAD_ARGS = 2
@@ -111,10 +113,8 @@ def load_config_file(config: str):
   path, _, arg = config.partition(":")
   if not os.path.isfile(path):
     raise SweepError(f"--config={config}: {path} does not exist")
-  spec = importlib.util.spec_from_file_location(f"sweep_config_{os.path.basename(path)[:-3]}", path)
-  module = importlib.util.module_from_spec(spec)
   try:
-    spec.loader.exec_module(module)
+    module = config_lib.load_file(path)
   except Exception as e:  # pylint: disable=broad-except
     raise SweepError(f"--config={config}: loading {path} raised {type(e).__name__}: {_first_line(e)}") from e
   if not hasattr(module, "get_config"):
@@ -129,7 +129,6 @@ def expand(module, arg: str, seeds: int = 1) -> list[Run]:
   checked against the config schema (`chainjax.config.validate`), so a typo in a field name or
   value stops the sweep before any run starts.
   """
-  from chainjax import config as config_lib  # pylint: disable=import-outside-toplevel
   from chainjax import errors  # pylint: disable=import-outside-toplevel
 
   if seeds < 1:
@@ -295,10 +294,7 @@ def read_status(workdir: str) -> dict:
 
 
 def _write_status(workdir: str, status: dict) -> None:
-  tmp = os.path.join(workdir, f".{STATUS}.tmp")
-  with open(tmp, "w") as f:
-    json.dump(status, f, indent=1)
-  os.replace(tmp, os.path.join(workdir, STATUS))
+  metrics_lib.write_atomically(os.path.join(workdir, STATUS), json.dumps(status, indent=1))
 
 
 def last_error(log_text: str) -> str:
@@ -506,7 +502,7 @@ def write_csv(path: str, rows: Sequence[dict], report: Report) -> None:
     values += [row["wall_s"], row["final"].get("step", "")]
     values += [_number(row["final"].get(m)) for m in metrics]
     writer.writerow(values)
-  _write_atomically(path, buffer.getvalue())
+  metrics_lib.write_atomically(path, buffer.getvalue())
 
 
 def _number(value) -> str:
@@ -580,8 +576,11 @@ def results_markdown(config: str, rows: Sequence[dict], report: Report, plots: S
 
 def plot_curves(sweep_dir: str, rows: Sequence[dict], metric: str) -> str | None:
   """`DIR/<metric>.png`: per setting, the mean over seeds of `metric` against the step, with a
-  min-max band. Returns the file name, or None when no run has the metric."""
-  curves = {}
+  min-max band. A sweep whose variants (`k=1`, `k=2`, ...) each hold several settings gets one
+  panel per variant, each curve labelled by the rest of its overrides. Returns the file name, or None when no run has
+  the metric."""
+  panels: dict[str, dict[str, tuple]] = {}
+  whole: dict[str, tuple] = {}  # the same curves under their whole setting's name
   for setting, group in settings(rows).items():
     per_seed = [{int(r["step"]): r[metric] for r in row["records"] if metric in r} for row in group]
     per_seed = [c for c in per_seed if c]
@@ -589,22 +588,31 @@ def plot_curves(sweep_dir: str, rows: Sequence[dict], metric: str) -> str | None
       continue
     steps = sorted(set().union(*per_seed))
     values = [[c[s] for c in per_seed if s in c] for s in steps]
-    curves[setting] = (steps, values)
-  if not curves:
+    overrides = {k: v for k, v in group[0]["overrides"].items() if k != "seed"}
+    variant = str(overrides.pop(VARIANT, ""))
+    panels.setdefault(variant, {})[run_name(overrides)] = whole[setting] = (steps, values)
+  if not panels:
     return None
+  if all(len(curves) == 1 for curves in panels.values()):  # the variants are the settings: one panel
+    panels = {"": whole}
+  colors = {label: f"C{i % 10}" for i, label in enumerate(dict.fromkeys(l for c in panels.values() for l in c))}
   import matplotlib  # pylint: disable=import-outside-toplevel
   matplotlib.use("Agg")
   from matplotlib import pyplot as plt  # pylint: disable=import-outside-toplevel
-  fig, ax = plt.subplots(figsize=(7, 4.5))
-  for setting, (steps, values) in curves.items():
-    mean = [sum(v) / len(v) for v in values]
-    line, = ax.plot(steps, mean, label=setting, marker="." if len(steps) < 30 else None)
-    if any(len(v) > 1 for v in values):
-      ax.fill_between(steps, [min(v) for v in values], [max(v) for v in values], color=line.get_color(), alpha=0.2)
-  ax.set_xlabel("step")
-  ax.set_ylabel(metric)
-  ax.grid(alpha=0.3)
-  ax.legend(fontsize="small")
+  fig, axes = plt.subplots(1, len(panels), figsize=(2.5 + 4 * len(panels), 4.2), sharey=True, squeeze=False)
+  handles = {}
+  for ax, (variant, curves) in zip(axes[0], panels.items()):
+    for label, (steps, values) in curves.items():
+      mean = [sum(v) / len(v) for v in values]
+      handles[label], = ax.plot(steps, mean, label=label, color=colors[label], marker="." if len(steps) < 30 else None)
+      if any(len(v) > 1 for v in values):
+        ax.fill_between(steps, [min(v) for v in values], [max(v) for v in values], color=colors[label], alpha=0.2)
+    ax.set_title(variant, fontsize="medium")
+    ax.set_xlabel("step")
+    ax.grid(alpha=0.3)
+  axes[0][0].set_ylabel(metric)
+  axes[0][-1].legend([handles[l] for l in colors], list(colors), fontsize="small", loc="upper left",
+                     bbox_to_anchor=(1.02, 1.0))
   fig.tight_layout()
   name = re.sub(r"[^A-Za-z0-9._-]", "_", metric) + ".png"
   fig.savefig(os.path.join(sweep_dir, name), dpi=110)
@@ -618,15 +626,8 @@ def write_results(config: str, sweep_dir: str, runs: Sequence[Run], report: Repo
   write_csv(os.path.join(sweep_dir, RESULTS_CSV), rows, report)
   columns = report.columns([row["final"] for row in rows if row["status"] == "done"])
   plots = [p for p in (plot_curves(sweep_dir, rows, c) for c in columns) if p]
-  _write_atomically(os.path.join(sweep_dir, RESULTS_MD), results_markdown(config, rows, report, plots))
+  metrics_lib.write_atomically(os.path.join(sweep_dir, RESULTS_MD), results_markdown(config, rows, report, plots))
   return rows
-
-
-def _write_atomically(path: str, text: str) -> None:
-  tmp = f"{path}.tmp"
-  with open(tmp, "w") as f:
-    f.write(text)
-  os.replace(tmp, path)
 
 
 def _first_line(error: BaseException) -> str:

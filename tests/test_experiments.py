@@ -71,6 +71,38 @@ def test_every_shipped_config_sweeps_at_least_two_axes(config):
   assert len(runs) >= 4
 
 
+@pytest.mark.parametrize("paper", sorted(d for d in os.listdir(os.path.join(helpers.REPO, "experiments"))
+                                          if os.path.isfile(os.path.join(helpers.REPO, "experiments", d, "config.py"))))
+def test_every_reproduction_sweeps_checked_runs_with_a_target(paper):
+  """A reproduction's sweep expands (every point checked against the schema) and reports a target."""
+  module, arg = runner.load_config_file(os.path.join(helpers.REPO, "experiments", paper, "config.py"))
+  runs = runner.expand(module, arg, seeds=3)
+  assert len(runs) >= 6 and len({r.name for r in runs}) == len(runs)
+  report = runner.Report.of(module, arg)
+  assert report.metrics and report.target is not None
+
+
+def _png_size(path):
+  with open(path, "rb") as f:
+    header = f.read(24)
+  assert header[:8] == b"\x89PNG\r\n\x1a\n"
+  return int.from_bytes(header[16:20], "big"), int.from_bytes(header[20:24], "big")
+
+
+def test_curves_get_a_panel_per_variant_when_each_variant_holds_several_settings(tmp_path):
+  def rows(points):
+    return [{"setting": runner.run_name(p), "overrides": {**p, "seed": 0},
+             "records": [{"step": s, "eval/accuracy": 0.5 + s / 10} for s in (1, 2, 3)]} for p in points]
+  modes = [{"variant": f"k={k}", "chain.mode": m} for k in (1, 2, 3) for m in ("end_to_end", "decoupled")]
+  for name, points in {"panels": modes, "one": [{"variant": f"k={k}"} for k in (1, 2, 3)],
+                       "plain": [{"chain.mode": m} for m in ("end_to_end", "decoupled")]}.items():
+    os.makedirs(tmp_path / name)
+    assert runner.plot_curves(str(tmp_path / name), rows(points), "eval/accuracy") == "eval_accuracy.png"
+    assert runner.plot_curves(str(tmp_path / name), rows(points), "eval/loss") is None
+  width = {name: _png_size(tmp_path / name / "eval_accuracy.png")[0] for name in ("panels", "one", "plain")}
+  assert width["one"] == width["plain"] and width["panels"] > 2 * width["plain"], width
+
+
 def test_the_markdown_table_is_mean_and_std_over_the_seeds_that_finished():
   def row(setting, seed, status, accuracy, steps):
     return {"run": f"{setting},seed={seed}", "setting": setting, "status": status, "exit_code": 0, "error": "",
