@@ -55,6 +55,8 @@ from ml_collections import config_flags
 
 from chainjax import watchdog
 
+DEFAULT_COMPILATION_CACHE = os.path.join("~", ".cache", "chainjax", "jax")
+
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file, e.g. configs/default.py[:arg].",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Where checkpoints, metrics and TensorBoard logs go.")
@@ -89,6 +91,11 @@ _STEP_TIMEOUT = flags.DEFINE_float(
     "Seconds without a completed train step or eval batch (counted from start-up, so it must exceed start-up, "
     "restore and compiling the first step) after which every thread's stack is logged and the process exits "
     "with code 6. 0 = never.", lower_bound=0)
+_COMPILATION_CACHE = flags.DEFINE_string(
+    "compilation_cache_dir", DEFAULT_COMPILATION_CACHE,
+    "JAX's persistent compilation cache: a rerun, a resume or another run of the same model loads its "
+    "compiled programs from here instead of compiling them again. '' turns it off. Where this flag is not "
+    "given and JAX_COMPILATION_CACHE_DIR is set, that directory is used.")
 
 EXIT_BAD_CONFIG = 2
 EXIT_NONFINITE = 3
@@ -336,6 +343,26 @@ def initialize_distributed(mode: str, coordinator_address: str | None = None, nu
   return True
 
 
+def set_compilation_cache(path: str, explicit: bool = True) -> str | None:
+  """Points JAX's persistent compilation cache at `path` (`~` expanded; "" turns it off); returns the
+  directory in use, or None when off.
+
+  Every compiled program that took longer than JAX's `jax_persistent_cache_min_compile_time_secs`
+  (1 s by default) to compile is stored, keyed by the program, the JAX and XLA versions, the devices and
+  the compile options, so a cache entry is never used for another program. Where `explicit` is False (the
+  flag left at its default) and JAX_COMPILATION_CACHE_DIR is set, JAX's own setting is kept.
+  """
+  import jax  # pylint: disable=import-outside-toplevel
+  if not explicit and os.environ.get("JAX_COMPILATION_CACHE_DIR"):
+    return jax.config.jax_compilation_cache_dir
+  if not path:
+    jax.config.update("jax_enable_compilation_cache", False)
+    return None
+  path = os.path.expanduser(path)
+  jax.config.update("jax_compilation_cache_dir", path)
+  return path
+
+
 def main(argv: list[str]) -> None:
   logging.get_absl_handler().addFilter(_QuietLibraries())
   if len(argv) > 1:
@@ -362,6 +389,8 @@ def main(argv: list[str]) -> None:
 
   import jax  # after flag parsing, so --help is fast
 
+  cache_dir = set_compilation_cache(_COMPILATION_CACHE.value, explicit=_COMPILATION_CACHE.present)
+
   from chainjax import checkpoint as checkpoint_lib
   from chainjax import compression
   from chainjax import errors
@@ -371,8 +400,9 @@ def main(argv: list[str]) -> None:
   if jax.process_index() != 0:  # only process 0 logs
     logging.set_verbosity(logging.WARNING)
   config = _CONFIG.value
-  logging.info("JAX %s on %d %s device(s), process %d of %d.", jax.__version__, jax.device_count(),
-               jax.devices()[0].platform, jax.process_index(), jax.process_count())
+  logging.info("JAX %s on %d %s device(s), process %d of %d; compilation cache: %s.", jax.__version__,
+               jax.device_count(), jax.devices()[0].platform, jax.process_index(), jax.process_count(),
+               cache_dir or "off")
   step_timeout = _STEP_TIMEOUT.value
 
   def on_hang() -> None:  # from the watchdog thread: the main thread may be blocked in native code

@@ -352,7 +352,10 @@ class Predictor:
       if i in self._head_names:
         outputs[f"{OUTPUT_PREFIX}{self._head_names[i]}"] = out["probabilities"]
         classes[i] = out["classes"]
-      if "confidence" in out:
+      # A stage that never exits compares nothing where the thresholds are constants (`serving_fn`): in a
+      # full-int8 TFLite model the +inf threshold would be quantized to a finite value that every example clears.
+      never = isinstance(thresholds, np.ndarray) and not thresholds[i] <= 1.0
+      if "confidence" in out and not never:
         confident[i] = out["confidence"] >= thresholds[i]
         done = done | confident[i]
     last = self.experiment.num_stages - 1  # the last stage always has a head (`chain.check_config`)

@@ -318,6 +318,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   or dataset, and for a config that differs from the checkpoint's (see `_check_resume`;
   `allow_config_change` accepts the difference).
   """
+  started = time.perf_counter()
   exp = experiment_lib.Experiment(config, workdir=workdir)
   config, task = exp.config, exp.task
   is_main = jax.process_index() == 0
@@ -424,6 +425,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
           state, sums, step_metrics = exp.update(phase, state, sums, next(train_iter))
         if first_call:
           jax.block_until_ready(step_metrics)
+          if len(compiled) == 1:  # time to first step, cold or from the persistent compilation cache
+            logging.info("First update done %.1f s after start (building, restoring and compiling included).",
+                         time.perf_counter() - started)
         else:
           clock.steps += 1
         heartbeat()

@@ -14,6 +14,7 @@ from chainjax import metrics as metrics_lib
 from chainjax import errors
 from chainjax import train
 
+import processes
 from helpers import assert_trees_equal, checkpoint_steps, final_state, load_config, override
 
 
@@ -366,3 +367,43 @@ def test_throughput_counts_train_steps_only(tmp_path, monkeypatch):
   for record in records:  # 9 and 10 timed updates per interval
     assert record["train/steps_per_sec"] > 1.0, record["train/steps_per_sec"]
     assert record["train/examples_per_sec"] == pytest.approx(record["train/steps_per_sec"] * config.batch_size)
+
+
+LOWERING_EVENT = "/jax/core/compile/jaxpr_to_mlir_module_duration"  # once per program JAX lowers (cache hit or not)
+
+
+def test_no_program_is_compiled_again_after_the_first_step_and_eval(tmp_path):
+  """50 updates and 2 evals: every program the loop runs (the step, the eval, the checks, the checkpoint
+  save) is lowered by the first step, eval and save; from update 27 to the end, through the second eval
+  and the last save, nothing is. A step that recompiled (a changing shape, dtype, sharding or a Python
+  value traced as a constant) would lower once per call."""
+  config = override(load_config("default"), total_steps=50, eval_every=25, checkpoint_every=25, log_every=5,
+                  **{"optim.warmup_steps": 5})
+  lowerings, at_heartbeat = [], []
+  listener = lambda event, duration, **kwargs: lowerings.append(event) if event == LOWERING_EVENT else None
+  jax.monitoring.register_event_duration_secs_listener(listener)
+  try:
+    train.train_and_evaluate(config, str(tmp_path), heartbeat=lambda: at_heartbeat.append(len(lowerings)))
+  finally:
+    jax.monitoring.unregister_event_duration_listener(listener)
+  eval_batches = -(-config.data.eval_size // config.eval_batch_size)
+  assert len(at_heartbeat) == 50 + 2 * eval_batches  # one heartbeat per update and per eval batch
+  after_update_26 = at_heartbeat[26 + eval_batches - 1]
+  assert at_heartbeat[0] > 0  # the first update compiled (the listener sees lowering)
+  assert len(lowerings) == after_update_26, (after_update_26, len(lowerings))
+
+
+def test_the_persistent_compilation_cache_is_filled_read_and_can_be_turned_off(tmp_path):
+  """--compilation_cache_dir: the first run stores its compiled programs there; a second run of the same
+  config (another workdir) adds none, as it loads them; '' turns the cache off. Both say so in the log,
+  with the time to the first update."""
+  cache = tmp_path / "cache"
+  first = processes.run(tmp_path / "a", f"--compilation_cache_dir={cache}")
+  entries = sorted(os.listdir(cache))
+  assert entries and f"compilation cache: {cache}." in first.stderr()
+  second = processes.run(tmp_path / "b", f"--compilation_cache_dir={cache}")
+  assert sorted(os.listdir(cache)) == entries
+  off = processes.run(tmp_path / "c", "--compilation_cache_dir=")
+  assert "compilation cache: off." in off.stderr() and sorted(os.listdir(cache)) == entries
+  for job in (first, second, off):
+    assert re.search(r"First update done \d+\.\d s after start", job.stderr())
