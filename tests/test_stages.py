@@ -12,6 +12,7 @@ import pytest
 from flax import nnx
 
 from chainjax import stages
+from chainjax.stages import conv
 from chainjax.config import ConfigError
 from chainjax.data.base import LabelSpec
 
@@ -136,6 +137,24 @@ def test_conv_batchnorm_updates_stats_only_in_training():
   _call(stage, x, train=True)
   for old, new in zip(jax.tree.leaves(before), jax.tree.leaves(snapshot())):
     assert np.abs(old - new).max() > 1e-4
+
+
+@pytest.mark.parametrize("shape", [(3, 28, 28, 4), (2, 7, 9, 3)])  # even, and odd (the last row/column dropped)
+def test_training_max_pool_matches_flax_max_pool_in_values_and_gradient(shape):
+  x = jax.random.normal(jax.random.key(0), shape)  # continuous: every window's maximum is unique
+  flax_pool = lambda x: nnx.max_pool(x, window_shape=(2, 2), strides=(2, 2), padding="VALID")
+  np.testing.assert_array_equal(conv.max_pool_2x2(x), flax_pool(x))
+  cotangent = jax.random.normal(jax.random.key(1), flax_pool(x).shape)
+  grad = lambda pool: jax.grad(lambda x: jnp.sum(pool(x) * cotangent))(x)
+  np.testing.assert_array_equal(grad(conv.max_pool_2x2), grad(flax_pool))
+
+
+def test_conv_stage_trains_and_evaluates_to_the_same_values():
+  """The pool of training (`max_pool_2x2`) and of inference (`nnx.max_pool`) give the same stage output."""
+  cfg = stages.stage_config("conv", name="s", features=(4, 8), norm="none")
+  net = stages.build_stage(cfg, (13, 13, 1), jnp.float32, rngs=nnx.Rngs(0), path="s")
+  x = jax.random.normal(jax.random.key(2), (5, 13, 13, 1))
+  np.testing.assert_array_equal(net(x, train=True), net(x, train=False))
 
 
 def test_transformer_dropout_only_in_training():

@@ -44,10 +44,26 @@ class ConvNet(nnx.Module):
         x = self.norms[i](x, use_running_average=not train)
       x = jax.nn.relu(x)
       if self.pool == "max":
-        x = nnx.max_pool(x, window_shape=(2, 2), strides=(2, 2), padding="VALID")
+        x = max_pool_2x2(x) if train else nnx.max_pool(x, window_shape=(2, 2), strides=(2, 2), padding="VALID")
       elif self.pool == "avg":
         x = nnx.avg_pool(x, window_shape=(2, 2), strides=(2, 2), padding="VALID")
     return x.reshape(lead + x.shape[1:])  # [B, *items, H', W', C']
+
+
+def max_pool_2x2(x: jax.Array) -> jax.Array:
+  """2x2 max pooling, stride 2, 'VALID' (an odd last row or column is dropped) of [N, H, W, C], as a reshape
+  and a max over the two window axes.
+
+  The same values as `nnx.max_pool` (a max is exact), and the same gradient wherever a window's maximum is
+  unique (a tie splits the gradient evenly where `max_pool`'s gives it to one element; after a relu the
+  usual tie is between zeros, whose gradient the relu stops anyway). Why: `max_pool` lowers to
+  `reduce_window`, whose gradient is XLA's select-and-scatter, slow on CPU; this form's gradient is an
+  elementwise compare and multiply (the Fashion-MNIST CNN's train step 1.37x faster on the 2-core CPU).
+  Used in training; inference keeps `nnx.max_pool`, which TFLite converts to its MAX_POOL_2D.
+  """
+  n, h, w, c = x.shape
+  x = x[:, :h // 2 * 2, :w // 2 * 2]
+  return x.reshape(n, h // 2, 2, w // 2, 2, c).max(axis=(2, 4))
 
 
 def build(cfg, in_shape: tuple[int, ...], in_dtype, *, rngs: nnx.Rngs, path: str) -> ConvNet:
