@@ -23,6 +23,7 @@ check that `bench.run(bench.train_batches(3))` ends where three updates of the t
 from __future__ import annotations
 
 import itertools
+import json
 import statistics
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -93,6 +94,18 @@ class StepBench:
     self.run(cycle(batches, updates))
     self.compiled = True
 
+  def flops(self, local_batch) -> float:
+    """FLOPs of one update as XLA's cost analysis counts them for the compiled step (NaN where the backend
+    does not say); after `warm_up`, so the program is the cached one."""
+    exp = self.exp
+    with jax.set_mesh(exp.mesh):
+      if exp.accum_by_optax:
+        return float("nan")
+      compiled = self.phase.train_step.lower(self.state, self.sums, exp.put_batch(local_batch)).compile()
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, list) else cost
+    return float(cost.get("flops", float("nan"))) if cost else float("nan")
+
   def temp_bytes(self, local_batch) -> float:
     """The compiled train step's temporary buffers (bytes; NaN where the backend does not say).
 
@@ -111,6 +124,42 @@ class StepBench:
         args = (exp.put_batch(local_batch),)
       memory = self.phase.train_step.lower(self.state, self.sums, *args).compile().memory_analysis()
     return float(memory.temp_size_in_bytes) if memory is not None else float("nan")
+
+
+def row(name: str, ours: float, baseline: float | None, baseline_name: str, *, unit: str = "examples/s",
+        target: float | None = None, better: str = "higher", samples: list[float] | None = None, **extra) -> dict:
+  """One row of the benchmark table (`python -m benchmarks.run`), as every benchmark's `--json` writes it.
+
+  `ours` and `baseline` are in `unit`, measured in the same run; `ratio` = ours / baseline; `target` is
+  the ratio to reach: at least it where `better` is "higher" (a speed), at most where "lower" (a time, a
+  size). `samples`: `ours` over the timed windows (its min and max are reported).
+  """
+  ratio = ours / baseline if baseline else None
+  met = None if target is None or ratio is None else (ratio >= target if better == "higher" else ratio <= target)
+  return {"name": name, "ours": ours, "baseline": baseline, "baseline_name": baseline_name, "unit": unit,
+          "ratio": ratio, "target": target, "better": better, "met": met,
+          "min": min(samples) if samples else None, "max": max(samples) if samples else None, **extra}
+
+
+def write_json(path: str | None, rows: list[dict]) -> None:
+  """The rows as a JSON list (nothing when `path` is None)."""
+  if path:
+    with open(path, "w") as f:
+      json.dump(rows, f, indent=2)
+
+
+def matmul_gflops(n: int = 1024, repeats: int = 20) -> float:
+  """This machine's float32 matmul speed through XLA, GFLOP/s: an [n, n] @ [n, n] on the default device,
+  the best of `repeats` (the reference a model's FLOP rate is read against)."""
+  a = jax.random.normal(jax.random.key(0), (n, n), np.float32)
+  matmul = jax.jit(lambda a: a @ a)
+  matmul(a).block_until_ready()
+  best = float("inf")
+  for _ in range(repeats):
+    start = time.perf_counter()
+    matmul(a).block_until_ready()
+    best = min(best, time.perf_counter() - start)
+  return 2 * n ** 3 / best / 1e9
 
 
 def cycle(batches: list, n: int) -> Iterator:

@@ -46,6 +46,7 @@ _STEPS = flags.DEFINE_integer("steps", 200, "Timed train updates per run (after 
 _REPEATS = flags.DEFINE_integer("repeats", 3, "Interleaved timing repeats per variant; the median is reported.")
 _EVAL_PASSES = flags.DEFINE_integer("eval_passes", 5, "Evaluations of the eval set per eval repeat.")
 _QUICK = flags.DEFINE_bool("quick", False, "Seconds-long smoke run: runlocal configs, 2 steps x 1 repeat.")
+_JSON = flags.DEFINE_string("json", None, "Also write the rows (JSON list, as benchmarks/run.py collects them) here.")
 
 QAT_RULES = ("stages/.* w=8 a=8",)
 SPARSITY = 0.8
@@ -71,8 +72,9 @@ def load_config(name: str, **overrides):
   return config
 
 
-def bench_config(name: str, steps: int, repeats: int, eval_passes: int) -> None:
-  """Measures one config's variants and prints its table; one line instead when its data is not prepared."""
+def bench_config(name: str, steps: int, repeats: int, eval_passes: int) -> list[dict]:
+  """Measures one config's variants, prints its table and returns its rows; one line and no rows when its
+  data is not prepared."""
   import jax
 
   from benchmarks import common
@@ -86,6 +88,7 @@ def bench_config(name: str, steps: int, repeats: int, eval_passes: int) -> None:
                "pruned": common.StepBench(load_config(name, **{"compress.prune.sparsity": SPARSITY}))}
   except DataError as e:
     print(f"\n{name}: skipped, its data is not prepared: {e}")
+    return []
     return
   exp = benches["float"].exp
   batches = benches["float"].train_batches(8)  # the trainer's first batches, the same for every variant
@@ -127,6 +130,7 @@ def bench_config(name: str, steps: int, repeats: int, eval_passes: int) -> None:
         f"pruning masks recomputed every {frequency} updates ({steps / frequency:g} per timed run); eval set "
         f"{len(eval_batches)} batches of {exp.config.eval_batch_size}")
   print(f"  {'row':32s} {'measured':>12s} {'baseline':>12s} {'ratio':>7s} {'target':>7s}")
+  rows = []
   for key, (label, target) in ROWS.items():
     value, base, unit = measured[key]
     ratio = value / base
@@ -134,11 +138,16 @@ def bench_config(name: str, steps: int, repeats: int, eval_passes: int) -> None:
     verdict = ("PASS" if ratio <= target else "MISS") if target else ""
     print(f"  {label:32s} {number(value):>12s} {number(base):>12s} {ratio:6.3f}x "
           f"{(f'<={target:.2f}x' if target else 'report'):>7s} {verdict}".rstrip())
+    rows.append(common.row(f"{name}: {label}", value, base, "float" if unit == "ms" else "float32 bytes",
+                           unit="ms" if unit == "ms" else "bytes", target=target, better="lower"))
+  return rows
 
 
 def main(argv):
   del argv
   import jax
+
+  from benchmarks import common
 
   unknown = [n for n in _CONFIGS.value if not os.path.exists(os.path.join(os.path.dirname(HERE), "configs", f"{n}.py"))]
   if unknown:
@@ -147,8 +156,10 @@ def main(argv):
   print(f"JAX {jax.__version__}, {jax.device_count()} {jax.devices()[0].platform} device(s), {os.cpu_count()} CPUs; "
         f"{steps} train updates x {repeats} repeats, {passes} eval pass(es) per repeat (median)"
         f"{'; --quick: runlocal configs' if _QUICK.value else ''}")
+  rows = []
   for name in _CONFIGS.value:
-    bench_config(name, steps, repeats, passes)
+    rows += bench_config(name, steps, repeats, passes)
+  common.write_json(_JSON.value, rows)
 
 
 if __name__ == "__main__":

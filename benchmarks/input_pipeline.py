@@ -43,6 +43,8 @@ _CONFIG = config_flags.DEFINE_config_file(
                            "fashion_mnist_cnn.py"), "A config whose data is a TFDS dataset.")
 _STEPS = flags.DEFINE_integer("steps", 200, "Timed train steps per variant (after 5 warm-up steps).")
 _REPEATS = flags.DEFINE_integer("repeats", 3, "Interleaved timing repeats; the median is reported.")
+_QUICK = flags.DEFINE_bool("quick", False, "Seconds-long smoke run: 5 steps x 1 repeat.")
+_JSON = flags.DEFINE_string("json", None, "Also write the rows (JSON list, as benchmarks/run.py collects them) here.")
 
 
 def main(argv):
@@ -60,7 +62,8 @@ def main(argv):
     uncached_bench = common.StepBench(uncached_config) if config.data.cache else bench
   except ConfigError as e:
     sys.exit(f"input_pipeline: {e}")
-  task, batch_size, steps = bench.exp.task, bench.config.batch_size, _STEPS.value
+  task, batch_size = bench.exp.task, bench.config.batch_size
+  steps, repeats = (5, 1) if _QUICK.value else (_STEPS.value, _REPEATS.value)
 
   benches = {"uncached": uncached_bench}
   iterators = {"uncached": uncached_bench.train_iterator()}
@@ -84,11 +87,12 @@ def main(argv):
     timers[f"alone {name}"] = lambda iterator=iterator: pipeline_alone(iterator)
     timers[f"train {name}"] = (lambda b=benches[name], iterator=iterator:
                                steps / b.run(itertools.islice(iterator, steps)))
-  rates = {name: common.median(values) for name, values in common.interleave(timers, _REPEATS.value).items()}
+  samples = common.interleave(timers, repeats)
+  rates = {name: common.median(values) for name, values in samples.items()}
   alone = {name: rates[f"alone {name}"] for name in iterators}
   trained = {"memory": rates["train memory"], **{name: rates[f"train {name}"] for name in iterators}}
 
-  print(f"{task.name}, batch {batch_size}, {steps} steps x {_REPEATS.value} repeats (median), "
+  print(f"{task.name}, batch {batch_size}, {steps} steps x {repeats} repeats (median), "
         f"{config.data.num_threads} read threads, {jax.device_count()} {jax.devices()[0].platform} device(s), "
         f"{os.cpu_count()} CPUs, JAX {jax.__version__}")
   for name, rate in alone.items():
@@ -101,6 +105,11 @@ def main(argv):
   final = "cached" if "cached" in iterators else "uncached"
   ratio = trained[final] / trained["memory"]
   print(f"target: the config's pipeline >= 0.95x from memory: {ratio:.2f}x {'met' if ratio >= 0.95 else 'NOT met'}")
+  common.write_json(_JSON.value, [
+      common.row(f"input pipeline, {task.name}, {name}" + (" (every epoch decodes)" if name == "uncached" else ""),
+                 trained[name] * batch_size, trained["memory"] * batch_size, "the same steps fed from memory",
+                 target=0.95 if name == final else None, samples=[r * batch_size for r in samples[f"train {name}"]])
+      for name in iterators])
 
 
 if __name__ == "__main__":

@@ -30,6 +30,8 @@ _STEPS = flags.DEFINE_integer("steps", 100, "Timed train steps per variant (afte
 _BATCH = flags.DEFINE_integer("batch_size", 256, "Global batch size.")
 _WIDTH = flags.DEFINE_integer("width", 1024, "MLP width of each stage.")
 _REPEATS = flags.DEFINE_integer("repeats", 5, "Interleaved timing repeats per variant; the median is reported.")
+_QUICK = flags.DEFINE_bool("quick", False, "Seconds-long smoke run: width 64, batch 64, 3 steps x 1 repeat.")
+_JSON = flags.DEFINE_string("json", None, "Also write the rows (JSON list, as benchmarks/run.py collects them) here.")
 
 # --variants key: (row name, config overrides, target ratio or None). "plain" is the baseline.
 VARIANTS = {
@@ -49,8 +51,9 @@ def make_config(**overrides):
   from configs import default
 
   config = default.get_config()
-  config.batch_size = _BATCH.value
-  config.chain.stages = [stages.stage_config("mlp", name=f"level{i}", features=_WIDTH.value, depth=1)
+  config.batch_size = 64 if _QUICK.value else _BATCH.value
+  width = 64 if _QUICK.value else _WIDTH.value
+  config.chain.stages = [stages.stage_config("mlp", name=f"level{i}", features=width, depth=1)
                          for i in (1, 2, 3)]
   for key, value in overrides.items():
     section, field = key.split(".")
@@ -64,8 +67,10 @@ def main(argv):
 
   from benchmarks import common
 
+  steps, repeats = (3, 1) if _QUICK.value else (_STEPS.value, _REPEATS.value)
   print(f"JAX {jax.__version__}, {jax.device_count()} {jax.devices()[0].platform} device(s); batch "
-        f"{_BATCH.value}, width {_WIDTH.value}, {_STEPS.value} steps x {_REPEATS.value} repeats (median)")
+        f"{make_config().batch_size}, width {make_config().chain.stages[0].features}, {steps} steps x {repeats} "
+        "repeats (median)")
   unknown = sorted(set(_VARIANTS.value) - set(VARIANTS))
   if unknown:
     sys.exit(f"optim_overhead: unknown --variants {', '.join(unknown)}; known: {', '.join(VARIANTS)}")
@@ -76,8 +81,8 @@ def main(argv):
     bench.warm_up(batches)
   temps = {key: bench.temp_bytes(batches[0]) for key, bench in benches.items()}  # the compiled steps: no recompile
   times = common.interleave(
-      {key: (lambda bench=bench: bench.run(common.cycle(batches, _STEPS.value)) / _STEPS.value)
-       for key, bench in benches.items()}, _REPEATS.value)
+      {key: (lambda bench=bench: bench.run(common.cycle(batches, steps)) / steps)
+       for key, bench in benches.items()}, repeats)
   seconds = {key: common.median(values) for key, values in times.items()}
   base_time = seconds["plain"]
   print(f"{'variant':36s} {'ms/update':>10s} {'ratio':>7s} {'target':>7s} {'temp MiB':>9s}")
@@ -85,6 +90,10 @@ def main(argv):
     name, _, target = VARIANTS[key]
     print(f"{name:36s} {seconds[key] * 1e3:10.3f} {seconds[key] / base_time:6.2f}x "
           f"{(f'<={target:.2f}x' if target else 'report'):>7s} {temps[key] / 2**20:9.2f}")
+  common.write_json(_JSON.value, [
+      common.row(VARIANTS[key][0], seconds[key] * 1e3, base_time * 1e3, "plain fp32 step", unit="ms/update",
+                 target=VARIANTS[key][2], better="lower", samples=[t * 1e3 for t in times[key]])
+      for key in keys if key != "plain"])
 
 
 if __name__ == "__main__":

@@ -45,6 +45,8 @@ _REPEATS = flags.DEFINE_integer("repeats", 3, "Timing repeats per device count; 
 _COUNTS = flags.DEFINE_list("counts", ["1", "2", "4", "8"], "Fake CPU device counts.")
 _WORKER = flags.DEFINE_integer("worker", 0, "Internal: time all N devices of this process, print JSON.")
 _SKIP_CPU = flags.DEFINE_bool("skip_cpu", False, "Only the real-accelerator sweep.")
+_QUICK = flags.DEFINE_bool("quick", False, "Seconds-long smoke run: 1 and 2 fake devices, 3 steps x 1 repeat.")
+_JSON = flags.DEFINE_string("json", None, "Also write the rows (JSON list, as benchmarks/run.py collects them) here.")
 
 
 def make_config(num_devices: int):
@@ -75,8 +77,9 @@ def measure(num_devices: int) -> dict:
 
 def _worker_run(num_devices: int, env: dict) -> dict:
   """`measure(num_devices)` in a fresh process with environment `env`."""
-  args = [f"--worker={num_devices}", f"--steps={_STEPS.value}", f"--per_device_batch={_PER_DEVICE_BATCH.value}",
-          f"--width={_WIDTH.value}", f"--repeats={_REPEATS.value}"]
+  steps, repeats = (3, 1) if _QUICK.value else (_STEPS.value, _REPEATS.value)
+  args = [f"--worker={num_devices}", f"--steps={steps}", f"--per_device_batch={_PER_DEVICE_BATCH.value}",
+          f"--width={_WIDTH.value}", f"--repeats={repeats}"]
   proc = subprocess.run([sys.executable, os.path.abspath(__file__), *args], cwd=ROOT, env=env,
                         capture_output=True, text=True, check=False)
   if proc.returncode:
@@ -106,6 +109,15 @@ def _default_backend() -> dict:
   return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+def _suite_rows(rows: list[dict], where: str) -> list[dict]:
+  """The table's rows for benchmarks/run.py: steps/sec at N devices against 1 device (weak scaling)."""
+  from benchmarks import common  # pylint: disable=import-outside-toplevel
+  base = rows[0]
+  return [common.row(f"scaling, {where}, {r['devices']} devices (global batch {r['global_batch']})",
+                     1 / r["seconds_per_step"], 1 / base["seconds_per_step"], f"{base['devices']} device(s)",
+                     unit="steps/s") for r in rows[1:]]
+
+
 def _print_table(rows: list[dict]) -> None:
   base = rows[0]["seconds_per_step"]
   print(f"{'devices':>7s} {'global batch':>12s} {'ms/step':>9s} {'steps/sec':>10s} {'examples/sec':>13s} "
@@ -123,16 +135,21 @@ def main(argv):
     return
   settings = (f"per-device batch {_PER_DEVICE_BATCH.value}, width {_WIDTH.value}, {_STEPS.value} steps x "
               f"{_REPEATS.value} repeats (median)")
+  suite: list[dict] = []
   if not _SKIP_CPU.value:
-    rows = [_worker_run(int(n), _fake_cpu_env(int(n))) for n in _COUNTS.value]
+    counts = ["1", "2"] if _QUICK.value else _COUNTS.value
+    rows = [_worker_run(int(n), _fake_cpu_env(int(n))) for n in counts]
+    suite += _suite_rows(rows, "fake CPU devices")
     print(f"Fake CPU devices on {os.cpu_count()} cores, one process per count; {settings}.\n"
           "Ratio = steps/sec relative to 1 device (1.00x = no overhead; the cores are shared, so no speed-up).")
     _print_table(rows)
 
   if os.environ.get("JAX_PLATFORMS", "") == "cpu":  # CPU chosen: no accelerator to sweep
+    _write_json(suite)
     return
   backend = _default_backend()
   if backend["platform"] == "cpu":
+    _write_json(suite)
     return
   total = backend["count"]
   if backend["platform"] == "gpu":
@@ -147,6 +164,13 @@ def main(argv):
   print(f"\n{total} {backend['platform']} device(s) ({backend['kind']}), {how}; {settings}.\n"
         "Ratio = steps/sec relative to 1 device (1.00x = perfect weak scaling).")
   _print_table(rows)
+  _write_json(suite + _suite_rows(rows, f"{backend['platform']} ({backend['kind']})"))
+
+
+def _write_json(rows: list[dict]) -> None:
+  if _JSON.value:
+    with open(_JSON.value, "w") as f:
+      json.dump(rows, f, indent=2)
 
 
 if __name__ == "__main__":

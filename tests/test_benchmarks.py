@@ -9,6 +9,7 @@ check that it prints its ratio line.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -19,6 +20,7 @@ import numpy as np
 import pytest
 
 import helpers
+import tiny_tfds
 
 REPO = helpers.REPO
 sys.path.insert(0, REPO)  # benchmarks/ is not a package that is installed
@@ -109,3 +111,53 @@ def test_compression_smoke(tmp_path, monkeypatch):
   assert rows[2][2] == "report", out
   for _, ratio, _, target, verdict in rows[3:]:  # bytes are exact: their targets must hold (timings are not checked)
     assert float(ratio) <= float(target) and verdict == "PASS", out
+
+
+def test_cnn_step_smoke(tmp_path):
+  """Ours against the same model compiled with Flax's max_pool, on the tests' tiny image set."""
+  out_json = tmp_path / "rows.json"
+  _run("cnn_step.py", "--quick", f"--data_name={tiny_tfds.NAME}", f"--data_dir={tiny_tfds.build(tmp_path / 'tfds')}",
+       f"--json={out_json}", devices=1)
+  (row,) = json.loads(out_json.read_text())
+  assert row["model"] == "fashion_mnist_cnn b128" and row["unit"] == "examples/s"
+  assert row["ours"] > 0 and row["baseline"] > 0 and row["ratio"] == pytest.approx(row["ours"] / row["baseline"])
+  assert row["min"] <= row["ours"] <= row["max"] and row["gflops"] > 0
+
+
+def _suite(*args: str) -> subprocess.CompletedProcess:
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  return subprocess.run([sys.executable, "-m", "benchmarks.run", *args], cwd=REPO, env=env, capture_output=True,
+                        text=True, timeout=600, check=False)
+
+
+def test_the_suite_collects_every_benchmarks_rows_into_one_table(tmp_path):
+  out_json = tmp_path / "suite.json"
+  proc = _suite("--quick", "--only=optim_overhead,lstm_step", "--nopeers", f"--json={out_json}")
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  rows = json.loads(out_json.read_text())
+  assert [r["benchmark"] for r in rows] == ["machine"] + ["lstm_step"] * 2 + ["optim_overhead"] * 4
+  assert rows[0]["unit"] == "GFLOP/s" and rows[0]["ours"] > 0
+  for r in rows[1:]:
+    assert r["ratio"] == pytest.approx(r["ours"] / r["baseline"]) and r["baseline_name"], r
+    if r["target"] is not None:
+      assert r["met"] == (r["ratio"] >= r["target"] if r["better"] == "higher" else r["ratio"] <= r["target"]), r
+  assert [r["model"] for r in rows if r["benchmark"] == "lstm_step"] == ["imdb_lstm b16", "imdb_lstm b64"]
+  assert "| benchmark | row | ours | min-max | unit | baseline | baseline is | ratio | target |" in proc.stdout
+  assert proc.stdout.count("\n| lstm_step |") == 2 and proc.stdout.count("\n| optim_overhead |") == 4
+
+
+def test_the_suite_names_an_unknown_benchmark_in_one_line():
+  proc = _suite("--only=lstm_step,nope")
+  assert proc.returncode == 1 and proc.stderr.strip().splitlines()[-1].startswith(
+      "benchmarks.run: --only: unknown benchmark 'nope'; known: lstm_step, cnn_step"), proc.stderr
+
+
+def test_model_rows_are_compared_with_their_pytorch_peers():
+  from benchmarks import run  # pylint: disable=import-outside-toplevel
+  ours = [{"benchmark": "cnn_step", "model": "fashion_mnist_cnn b128", "ours": 600.0},
+          {"benchmark": "optim_overhead", "ours": 2.0}]
+  peers = [{"name": "fashion_mnist_cnn b128", "examples_per_sec": 400.0, "min": 390.0, "max": 410.0,
+            "torch": "2.13.0", "threads": 2}]
+  (row,) = run.against_peers(ours, peers)
+  assert row["ratio"] == 1.5 and row["target"] == run.PEER_TARGET and row["met"]
+  assert "PyTorch 2.13.0 (2 threads): 400 (390-410)" == row["baseline_name"]
