@@ -30,6 +30,7 @@ _QUICK = flags.DEFINE_bool("quick", False, "Seconds-long smoke run: the runlocal
 _JSON = flags.DEFINE_string("json", None, "Write the rows (a JSON list of dicts) to this file.")
 _STEPS = flags.DEFINE_integer("steps", 20, "Timed updates per repeat (after 5 warm-up updates).")
 _REPEATS = flags.DEFINE_integer("repeats", 5, "Interleaved timing repeats; the median is reported.")
+_EXPLAIN = flags.DEFINE_bool("explain", False, "Also profile 5 updates of our step and list its top operations.")
 _DATA_NAME = flags.DEFINE_string("data_name", None, "Another TFDS image dataset of 28x28x1 images, 10 classes "
                                  "(config.data.name), e.g. the tests' tiny one.")
 _DATA_DIR = flags.DEFINE_string("data_dir", None, "Its TFDS data_dir (config.data.data_dir).")
@@ -52,8 +53,9 @@ def make_config(quick: bool):
   return config
 
 
-def rows(quick: bool, steps: int | None = None, repeats: int | None = None) -> list[dict]:
-  """One row: the fashion_mnist_cnn step, ours against the plain Flax formulation (see the module docstring)."""
+def rows(quick: bool, steps: int | None = None, repeats: int | None = None, explain: bool = False) -> list[dict]:
+  """One row: the fashion_mnist_cnn step, ours against the plain Flax formulation (see the module docstring);
+  with `explain`, its "top_operations" (`common.top_operations`)."""
   from flax import nnx
 
   from benchmarks import common
@@ -75,7 +77,8 @@ def rows(quick: bool, steps: int | None = None, repeats: int | None = None) -> l
   flops = ours.flops(batches[0]) / batch_size * rate / 1e9  # GFLOP/s of the step
   return [common.row(f"fashion_mnist_cnn step, batch {batch_size}", rate, common.median(speed["plain"]),
                      "the same model with nnx.max_pool (Flax)", target=TARGET, samples=speed["ours"],
-                     model="fashion_mnist_cnn b128", gflops=flops)]
+                     model="fashion_mnist_cnn b128", gflops=flops,
+                     **({"top_operations": common.top_operations(ours, batches)} if explain else {}))]
 
 
 def main(argv):
@@ -87,12 +90,13 @@ def main(argv):
   quick = _QUICK.value
   print(f"JAX {jax.__version__}, {jax.device_count()} {jax.devices()[0].platform} device(s), {os.cpu_count()} CPUs; "
         f"fashion_mnist_cnn, batch {BATCH_SIZE}{', --quick' if quick else ''}")
-  result = rows(quick, None if quick else _STEPS.value, None if quick else _REPEATS.value)
+  result = rows(quick, None if quick else _STEPS.value, None if quick else _REPEATS.value, _EXPLAIN.value)
   peak = common.matmul_gflops()
   for r in result:
     print(f"{r['name']}: {r['ours']:.0f} examples/s ({r['min']:.0f}-{r['max']:.0f}), plain Flax {r['baseline']:.0f}, "
           f"{r['ratio']:.2f}x (target >= {r['target']:.2f}x); {r['gflops']:.1f} GFLOP/s = "
           f"{r['gflops'] / peak:.0%} of the float32 matmul's {peak:.0f}")
+  common.print_top_operations(result)
   common.write_json(_JSON.value, result)
 
 

@@ -22,9 +22,14 @@ check that `bench.run(bench.train_batches(3))` ends where three updates of the t
 
 from __future__ import annotations
 
+import collections
+import glob
 import itertools
 import json
+import os
+import re
 import statistics
+import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator
 
@@ -106,6 +111,15 @@ class StepBench:
     cost = cost[0] if isinstance(cost, list) else cost
     return float(cost.get("flops", float("nan"))) if cost else float("nan")
 
+  def hlo_text(self, local_batch) -> str:
+    """The compiled train step's optimized HLO (after `warm_up`: the cached program), "" with accumulation
+    by optax (several programs)."""
+    exp = self.exp
+    if exp.accum_by_optax:
+      return ""
+    with jax.set_mesh(exp.mesh):
+      return self.phase.train_step.lower(self.state, self.sums, exp.put_batch(local_batch)).compile().as_text()
+
   def temp_bytes(self, local_batch) -> float:
     """The compiled train step's temporary buffers (bytes; NaN where the backend does not say).
 
@@ -160,6 +174,58 @@ def matmul_gflops(n: int = 1024, repeats: int = 20) -> float:
     matmul(a).block_until_ready()
     best = min(best, time.perf_counter() - start)
   return 2 * n ** 3 / best / 1e9
+
+
+def top_operations(bench: StepBench, batches: list, steps: int = 5, top: int = 10) -> list[dict]:
+  """Where `steps` updates of `bench` spend their time: a `jax.profiler` trace of them (the same trace as
+  `config.profile_steps` writes for TensorBoard), read back with `jax.profiler.ProfileData`: the events of
+  XLA's operations (the compiled program's fusions, convolutions, copies... by their HLO names; not the
+  runtime's own events nor Python's) summed by name, the `top` longest first:
+  [{"name", "ms_per_update", "share"}], share of all the operations' time.
+  """
+  if not bench.compiled:
+    bench.warm_up(batches)
+  with tempfile.TemporaryDirectory() as log_dir:
+    jax.profiler.start_trace(log_dir)
+    try:
+      bench.run(cycle(batches, steps))
+    finally:
+      jax.profiler.stop_trace()
+    (path,) = glob.glob(os.path.join(log_dir, "plugins", "profile", "*", "*.xplane.pb"))
+    profile = jax.profiler.ProfileData.from_file(path)
+    totals: dict[str, float] = collections.defaultdict(float)
+    for plane in profile.planes:
+      if not plane.name.startswith("/host:"):
+        continue
+      for line in plane.lines:
+        if line.name.lower() == "python":  # the Python tracer's frames
+          continue
+        for event in line.events:  # XLA's ops (fusion.12, convolution.3, copy.7, ...), not the runtime's own
+          if "::" not in event.name and not event.name.startswith(("$", "PjitFunction")):
+            totals[event.name] += event.duration_ns
+  total = sum(totals.values()) or 1.0
+  ranked = sorted(totals.items(), key=lambda kv: -kv[1])[:top]
+  what = _hlo_ops(bench.hlo_text(batches[0]))
+  return [{"name": name, "ms_per_update": ns / 1e6 / steps, "share": ns / total, "what": what.get(name, "")}
+          for name, ns in ranked]
+
+
+_HLO_OP = re.compile(r'^\s*(?:ROOT )?%?([\w.\-]+) = (\S+) .*?metadata=\{op_name="(?:jit\([^)]*\)/)?([^"]+)"', re.M)
+
+
+def _hlo_ops(hlo_text: str) -> dict[str, str]:
+  """{HLO instruction name: "<result shape> <the JAX operation it comes from>"} of a compiled program's text,
+  e.g. "f32[16,3,3,32] transpose(jvp())/conv_general_dilated" (a convolution's kernel gradient)."""
+  return {name: f"{re.sub(r'[{].*[}]', '', shape)} {op}" for name, shape, op in _HLO_OP.findall(hlo_text)}
+
+
+def print_top_operations(rows: list[dict]) -> None:
+  """The "top_operations" of each row that has them, as a short table per row."""
+  for r in rows:
+    if r.get("top_operations"):
+      print(f"\nTop operations of {r['name']} (a profile of 5 updates):")
+      for op in r["top_operations"]:
+        print(f"  {op['ms_per_update']:9.3f} ms/update {op['share']:6.1%}  {op['name']:32s} {op.get('what', '')}")
 
 
 def cycle(batches: list, n: int) -> Iterator:

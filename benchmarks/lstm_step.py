@@ -31,6 +31,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 _QUICK = flags.DEFINE_bool("quick", False, "Small: sequence length 64, 5 steps x 2 repeats.")
 _JSON = flags.DEFINE_string("json", None, "Write the rows (a JSON list of dicts) to this file.")
+_EXPLAIN = flags.DEFINE_bool("explain", False, "Also profile 5 updates of our step and list its top operations.")
 _STEPS = flags.DEFINE_integer("steps", 20, "Timed updates per repeat (after 5 warm-up updates).")
 _REPEATS = flags.DEFINE_integer("repeats", 5, "Interleaved timing repeats per variant; the median is reported.")
 
@@ -50,7 +51,7 @@ def make_config(batch_size: int, max_len: int):
   return config
 
 
-def rows(quick: bool, steps: int | None = None, repeats: int | None = None) -> list[dict]:
+def rows(quick: bool, steps: int | None = None, repeats: int | None = None, explain: bool = False) -> list[dict]:
   """One row per batch size: {"name", "ours", "baseline", "baseline_name", "ratio", "target", "min", "max"}
   ("ours": the fast step's median examples/s, "min"/"max" its range over the repeats)."""
   from benchmarks import common
@@ -76,7 +77,8 @@ def rows(quick: bool, steps: int | None = None, repeats: int | None = None) -> l
     out.append(common.row(f"imdb_lstm step, batch {batch_size}, T={max_len}, fast LSTM", ours, baseline,
                           "nnx.RNN(OptimizedLSTMCell) scan", target=TARGETS[batch_size], samples=speed["fast"],
                           model=f"imdb_lstm b{batch_size}",
-                          gflops=fast.flops(batches[0]) / batch_size * ours / 1e9))
+                          gflops=fast.flops(batches[0]) / batch_size * ours / 1e9,
+                          **({"top_operations": common.top_operations(fast, batches)} if explain else {})))
   return out
 
 
@@ -90,11 +92,12 @@ def main(argv):
   timing = "quick" if quick else f"{_STEPS.value} steps x {_REPEATS.value} repeats (median)"
   print(f"JAX {jax.__version__}, {jax.device_count()} {jax.devices()[0].platform} device(s); imdb_lstm "
         f"data=synthetic, T={64 if quick else SEQ_LEN}, {timing}")
-  result = rows(quick, None if quick else _STEPS.value, None if quick else _REPEATS.value)
+  result = rows(quick, None if quick else _STEPS.value, None if quick else _REPEATS.value, _EXPLAIN.value)
   print(f"{'row':46s} {'fast ex/s':>10s} {'(min-max)':>17s} {'scan ex/s':>10s} {'ratio':>7s} {'target':>7s}")
   for row in result:
     print(f"{row['name']:46s} {row['ours']:10.1f} {row['min']:8.1f}-{row['max']:<8.1f} {row['baseline']:10.1f} "
           f"{row['ratio']:6.2f}x {row['target']:6.2f}x")
+  common.print_top_operations(result)
   common.write_json(_JSON.value, result)
 
 

@@ -1,6 +1,6 @@
 """The benchmark suite: every benchmark's rows in one table, each against a baseline measured in the same run.
 
-  python -m benchmarks.run [--quick] [--json=FILE] [--only=models,optim_overhead,...] [--nopeers]
+  python -m benchmarks.run [--quick] [--json=FILE] [--only=models,optim_overhead,...] [--nopeers] [--explain]
 
 from the repository root. Each benchmark runs in its own fresh process (`benchmarks/<name>.py --json`),
 one after the other, so that none shares the machine's cores or JAX's state with another:
@@ -22,6 +22,10 @@ Every timed figure is the median over >= 5 timed windows after warm-up (`--quick
 run of each, whose numbers mean nothing), with the min and max of those windows. The table is printed
 as Markdown; `--json` also writes every row (`benchmarks.common.row`). A benchmark that fails (e.g. its
 data is not prepared) is reported in one line and the others still run; the exit status is then 1.
+
+`--explain`: each model benchmark also records a `jax.profiler` trace of 5 of its updates (the trace
+`--config.profile_steps` writes for TensorBoard) and the suite prints the 10 operations that took the
+most time in it (`benchmarks.common.top_operations`), to say where a step's time goes.
 """
 
 from __future__ import annotations
@@ -45,6 +49,8 @@ _QUICK = flags.DEFINE_bool("quick", False, "A seconds-long smoke run of every be
 _JSON = flags.DEFINE_string("json", None, "Also write every row (a JSON list) to this file.")
 _ONLY = flags.DEFINE_list("only", [], f"Benchmarks to run (default: all): {', '.join(BENCHMARKS)}, or "
                           f"{', '.join(GROUPS)} for {', '.join(GROUPS['models'])}.")
+_EXPLAIN = flags.DEFINE_bool("explain", False, "Profile each model step (a jax.profiler trace of 5 updates) "
+                              "and print its top operations.")
 _PEERS = flags.DEFINE_bool("peers", True, "Time the PyTorch peers of the models when PyTorch is installed.")
 
 
@@ -61,13 +67,14 @@ def selected(only: list[str]) -> list[str]:
   return [b for b in BENCHMARKS if not names or b in names]
 
 
-def run_benchmark(name: str, quick: bool) -> tuple[list[dict], str | None]:
-  """`benchmarks/<name>.py [--quick] --json=...` in a fresh process: (its rows, None) or ([], one line)."""
+def run_benchmark(name: str, quick: bool, explain: bool = False) -> tuple[list[dict], str | None]:
+  """`benchmarks/<name>.py [--quick] [--explain] --json=...` in a fresh process: (its rows, None) or ([], one
+  line). `--explain` goes to the model benchmarks only."""
   with tempfile.TemporaryDirectory() as tmp:
     out = os.path.join(tmp, "rows.json")
     args = [sys.executable, os.path.join(ROOT, "benchmarks", f"{name}.py"), f"--json={out}"]
-    proc = subprocess.run(args + (["--quick"] if quick else []), cwd=ROOT, capture_output=True, text=True,
-                          check=False)
+    args += (["--quick"] if quick else []) + (["--explain"] if explain and name in GROUPS["models"] else [])
+    proc = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, check=False)
     if proc.returncode or not os.path.exists(out):
       lines = [line for line in (proc.stderr + proc.stdout).strip().splitlines() if line.strip()]
       return [], f"{name}: exit {proc.returncode}: {lines[-1] if lines else 'no output'}"
@@ -143,7 +150,7 @@ def main(argv):
   print(f"JAX {jax.__version__} on {jax.devices()[0].platform}, {os.cpu_count()} CPUs; "
         f"{'--quick' if quick else 'full run'}: {', '.join(names)}", flush=True)
   for name in names:
-    got, failure = run_benchmark(name, quick)
+    got, failure = run_benchmark(name, quick, _EXPLAIN.value)
     rows += got
     if failure:
       failures.append(failure)
@@ -156,6 +163,7 @@ def main(argv):
     print(f"  peers: {failure or (f'{len(peers)} row(s)' if peers else 'PyTorch not installed')}", flush=True)
   print()
   print(table(rows))
+  common.print_top_operations(rows)
   common.write_json(_JSON.value, rows)
   if failures:
     print("\nFailed:\n" + "\n".join(f"  {f}" for f in failures))

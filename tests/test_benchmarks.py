@@ -114,11 +114,16 @@ def test_compression_smoke(tmp_path, monkeypatch):
 
 
 def test_cnn_step_smoke(tmp_path):
-  """Ours against the same model compiled with Flax's max_pool, on the tests' tiny image set."""
+  """Ours against the same model compiled with Flax's max_pool, on the tests' tiny image set; --explain."""
   out_json = tmp_path / "rows.json"
-  _run("cnn_step.py", "--quick", f"--data_name={tiny_tfds.NAME}", f"--data_dir={tiny_tfds.build(tmp_path / 'tfds')}",
-       f"--json={out_json}", devices=1)
+  out = _run("cnn_step.py", "--quick", "--explain", f"--data_name={tiny_tfds.NAME}",
+             f"--data_dir={tiny_tfds.build(tmp_path / 'tfds')}", f"--json={out_json}", devices=1)
   (row,) = json.loads(out_json.read_text())
+  ops = row["top_operations"]  # --explain: a profile of our step, read back, its XLA operations named
+  assert 1 <= len(ops) <= 10 and 0 < sum(op["share"] for op in ops) <= 1 + 1e-9
+  assert [op["ms_per_update"] for op in ops] == sorted((op["ms_per_update"] for op in ops), reverse=True)
+  assert any("conv_general_dilated" in op["what"] for op in ops), ops
+  assert "Top operations of fashion_mnist_cnn step" in out
   assert row["model"] == "fashion_mnist_cnn b128" and row["unit"] == "examples/s"
   assert row["ours"] > 0 and row["baseline"] > 0 and row["ratio"] == pytest.approx(row["ours"] / row["baseline"])
   assert row["min"] <= row["ours"] <= row["max"] and row["gflops"] > 0
