@@ -181,7 +181,9 @@ def top_operations(bench: StepBench, batches: list, steps: int = 5, top: int = 1
   `config.profile_steps` writes for TensorBoard), read back with `jax.profiler.ProfileData`: the events of
   XLA's operations (the compiled program's fusions, convolutions, copies... by their HLO names; not the
   runtime's own events nor Python's) summed by name, the `top` longest first:
-  [{"name", "ms_per_update", "share"}], share of all the operations' time.
+  [{"name", "ms_per_update", "share", "what"}], share of all the operations' time ("what": the result shape
+  and the JAX operation, from the compiled HLO). A loop (`while`) counts its body's operations too, so shares
+  overlap there.
   """
   if not bench.compiled:
     bench.warm_up(batches)

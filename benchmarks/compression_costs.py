@@ -43,7 +43,7 @@ sys.path.insert(0, os.path.dirname(HERE))
 _CONFIGS = flags.DEFINE_list("configs", ["default", "fashion_mnist_cnn"], "Configs (configs/<name>.py) to benchmark.")
 _STEPS = flags.DEFINE_integer("steps", 200, "Timed train updates per run (after 5 warm-up updates); a multiple of "
                               "compress.prune.frequency (100) holds the mask updates at their real rate.")
-_REPEATS = flags.DEFINE_integer("repeats", 3, "Interleaved timing repeats per variant; the median is reported.")
+_REPEATS = flags.DEFINE_integer("repeats", 5, "Interleaved timing repeats per variant; the median is reported.")
 _EVAL_PASSES = flags.DEFINE_integer("eval_passes", 5, "Evaluations of the eval set per eval repeat.")
 _QUICK = flags.DEFINE_bool("quick", False, "Seconds-long smoke run: runlocal configs, 2 steps x 1 repeat.")
 _JSON = flags.DEFINE_string("json", None, "Also write the rows (JSON list, as benchmarks/run.py collects them) here.")

@@ -42,7 +42,7 @@ _CONFIG = config_flags.DEFINE_config_file(
     "config", os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs",
                            "fashion_mnist_cnn.py"), "A config whose data is a TFDS dataset.")
 _STEPS = flags.DEFINE_integer("steps", 200, "Timed train steps per variant (after 5 warm-up steps).")
-_REPEATS = flags.DEFINE_integer("repeats", 3, "Interleaved timing repeats; the median is reported.")
+_REPEATS = flags.DEFINE_integer("repeats", 5, "Interleaved timing repeats; the median is reported.")
 _QUICK = flags.DEFINE_bool("quick", False, "Seconds-long smoke run: 5 steps x 1 repeat.")
 _JSON = flags.DEFINE_string("json", None, "Also write the rows (JSON list, as benchmarks/run.py collects them) here.")
 

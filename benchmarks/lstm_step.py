@@ -11,9 +11,9 @@ differentiated by autodiff: the baseline) and with the default "fast" implementa
 5 warm-up updates each; median and min-max examples/s, ratio = fast / scan. `--quick`: length 64,
 5 steps x 2 repeats (a smoke run). `rows(quick)` returns the rows for a suite; `--json` writes them.
 
-Measured 2026-12-08 (2 shared CPU cores, 1 device, JAX 0.10.2): batch 16: 213 ex/s fast vs 148 scan (1.44x),
-batch 64: 227 vs 214 (1.06x). Why batch 16 trailed PyTorch further than batch 64: the train step's cost per time
-step (slope from T=32 to T=256) is, per example, 28.0 us at batch 16 but 20.6 us at batch 64 with the nnx.RNN
+Measured 2026-12-08 (2 CPU cores, otherwise idle, 1 device, JAX 0.10.2): batch 16: 307 ex/s fast vs 162 scan
+(1.90x), batch 64: 352 vs 316 (1.11x); PyTorch 2.13's nn.LSTM on the same model: 365 and 364.
+Why batch 16 trailed PyTorch further than batch 64: the train step's cost per time step (slope from T=32 to T=256) is, per example, 28.0 us at batch 16 but 20.6 us at batch 64 with the nnx.RNN
 scan, i.e. ~117 us per time step that does not scale with the batch: autodiff's backward scan accumulates dW_h and
 dW_i every step ([F, 4F] adds, [F, B] x [B, 4F] matmuls with K = B). With the fast VJP it is 16.7 vs 17.2 us: no
 batch-independent part left. Not the loop: a scan with a trivial body costs 0.5 us/step; and
