@@ -97,8 +97,10 @@ def test_predictions_are_the_exports_in_row_and_columnar_form(run, server):
   classes = [row["classes"] for row in answer["predictions"]]
   assert classes == predict.Predictor.from_workdir(workdir)(x[:10]).classes.tolist()
 
-  named = _predict(server, {"signature_name": "serving_default", "instances": [{"inputs": v} for v in x[:3].tolist()]})
-  assert named == (200, {"predictions": answer["predictions"][:3]})
+  # The same 10 rows in TF Serving's named form: the same padded batch, so the same program and bits (another
+  # batch size pads to another bucket, whose program may round differently on some CPUs).
+  named = _predict(server, {"signature_name": "serving_default", "instances": [{"inputs": v} for v in x[:10].tolist()]})
+  assert named == (200, {"predictions": answer["predictions"]})
   status, columnar = _predict(server, {"inputs": x[:3].tolist()})
   assert status == 200 and columnar["outputs"]["classes"] == classes[:3]
   np.testing.assert_allclose(columnar["outputs"]["probabilities_level3"], reference["probabilities_level3"][:3],
