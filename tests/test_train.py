@@ -393,10 +393,12 @@ def test_no_program_is_compiled_again_after_the_first_step_and_eval(tmp_path):
   assert len(lowerings) == after_update_26, (after_update_26, len(lowerings))
 
 
-def test_the_persistent_compilation_cache_is_filled_read_and_can_be_turned_off(tmp_path):
+def test_the_persistent_compilation_cache_is_filled_read_and_can_be_turned_off(tmp_path, monkeypatch):
   """--compilation_cache_dir: the first run stores its compiled programs there; a second run of the same
   config (another workdir) adds none, as it loads them; '' turns the cache off. Both say so in the log,
-  with the time to the first update."""
+  with the time to the first update. Every program is cached (JAX's 1 s minimum compile time off), so a
+  program compiled in about 1 s cannot be left out of the first run and stored by the second."""
+  monkeypatch.setenv("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
   cache = tmp_path / "cache"
   first = processes.run(tmp_path / "a", f"--compilation_cache_dir={cache}")
   entries = sorted(os.listdir(cache))
