@@ -99,34 +99,10 @@ class StepBench:
     self.run(cycle(batches, updates))
     self.compiled = True
 
-  def flops(self, local_batch) -> float:
-    """FLOPs of one update as XLA's cost analysis counts them for the compiled step (NaN where the backend
-    does not say); after `warm_up`, so the program is the cached one."""
-    exp = self.exp
-    with jax.set_mesh(exp.mesh):
-      if exp.accum_by_optax:
-        return float("nan")
-      compiled = self.phase.train_step.lower(self.state, self.sums, exp.put_batch(local_batch)).compile()
-    cost = compiled.cost_analysis()
-    cost = cost[0] if isinstance(cost, list) else cost
-    return float(cost.get("flops", float("nan"))) if cost else float("nan")
-
-  def hlo_text(self, local_batch) -> str:
-    """The compiled train step's optimized HLO (after `warm_up`: the cached program), "" with accumulation
-    by optax (several programs)."""
-    exp = self.exp
-    if exp.accum_by_optax:
-      return ""
-    with jax.set_mesh(exp.mesh):
-      return self.phase.train_step.lower(self.state, self.sums, exp.put_batch(local_batch)).compile().as_text()
-
-  def temp_bytes(self, local_batch) -> float:
-    """The compiled train step's temporary buffers (bytes; NaN where the backend does not say).
-
-    Lowered with the current state and sums and `local_batch` (micro-batch 0 of it with
-    `accum_impl="optax"`), after `warm_up`: the compiled program is then the cached one, not
-    a second compile. Nothing is donated or run.
-    """
+  def compiled_step(self, local_batch):
+    """The compiled train step (`jax.stages.Compiled`) for `local_batch`: one call of it, on micro-batch 0
+    with `accum_impl="optax"`. Lowered with the current state and sums after `warm_up`, so the program
+    is the cached one, not a second compile; nothing is donated or run."""
     exp = self.exp
     with jax.set_mesh(exp.mesh):
       if exp.accum_by_optax:
@@ -136,7 +112,22 @@ class StepBench:
         args = (exp.put_batch(micro, exp.config.batch_size // a), denominator, np.int32(0))
       else:
         args = (exp.put_batch(local_batch),)
-      memory = self.phase.train_step.lower(self.state, self.sums, *args).compile().memory_analysis()
+      return self.phase.train_step.lower(self.state, self.sums, *args).compile()
+
+  def flops(self, local_batch) -> float:
+    """FLOPs of one call of the compiled step, as XLA's cost analysis counts them (NaN where the backend
+    does not say)."""
+    cost = self.compiled_step(local_batch).cost_analysis()
+    cost = cost[0] if isinstance(cost, list) else cost
+    return float(cost.get("flops", float("nan"))) if cost else float("nan")
+
+  def hlo_text(self, local_batch) -> str:
+    """The compiled step's optimized HLO."""
+    return self.compiled_step(local_batch).as_text()
+
+  def temp_bytes(self, local_batch) -> float:
+    """The compiled step's temporary buffers (bytes; NaN where the backend does not say)."""
+    memory = self.compiled_step(local_batch).memory_analysis()
     return float(memory.temp_size_in_bytes) if memory is not None else float("nan")
 
 

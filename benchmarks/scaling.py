@@ -168,9 +168,8 @@ def main(argv):
 
 
 def _write_json(rows: list[dict]) -> None:
-  if _JSON.value:
-    with open(_JSON.value, "w") as f:
-      json.dump(rows, f, indent=2)
+  from benchmarks import common  # pylint: disable=import-outside-toplevel
+  common.write_json(_JSON.value, rows)
 
 
 if __name__ == "__main__":
